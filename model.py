@@ -178,9 +178,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):  # x: (B, T, C)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.cfg.n_head, -1).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.cfg.n_kv_head, -1).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.cfg.n_kv_head, -1).transpose(1, 2)
+        H, H_kv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        # One matrix product for q, k and v together: fewer, larger products run faster on a CPU.
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        bias = torch.cat([p.bias for p in projs]) if self.cfg.attn_bias else None
+        qkv = F.linear(x, torch.cat([p.weight for p in projs]), bias)            # (B, T, (H + 2 H_kv) D)
+        q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)                                 # (B, H, T, D)
+        k, v = (t.view(B, T, H_kv, D).transpose(1, 2) for t in (k, v))         # (B, H_kv, T, D)
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
