@@ -1,0 +1,142 @@
+"""train.py on the tiny preset: every stage end to end, freezing, resuming, metrics, bad input."""
+import glob
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import strategies
+import train
+from model import read_safetensors
+
+torch.set_num_threads(1)
+
+
+def run(runs_dir, *flags):
+    return train.main(["--preset", "tiny", "--runs", str(runs_dir), *flags])
+
+
+def weights(checkpoint_dir):
+    return read_safetensors(os.path.join(checkpoint_dir, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One shared tiny experiment: SEQ through the recovery probe, then freeze through Task 1."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    seq_recover = run(runs_dir)
+    freeze_task1 = run(runs_dir, "--stage", "task1", "--strategy", "freeze", "--freeze-layers", "1")
+    return runs_dir, seq_recover, freeze_task1
+
+
+def in_unit_range(x):
+    if isinstance(x, dict):
+        return all(in_unit_range(v) for v in x.values())
+    return math.isfinite(x) and 0.0 <= x <= 1.0
+
+
+def test_all_stages_write_their_outputs(runs):
+    runs_dir, recover_dir, _ = runs
+    stages = sorted(os.path.basename(d).split("-")[0] for d in glob.glob(f"{runs_dir}/tiny/*-*") if os.path.isdir(d))
+    assert stages == ["pretrain", "recover", "task0", "task1", "task1"]
+    for d in glob.glob(f"{runs_dir}/tiny/*/"):
+        summary = json.load(open(os.path.join(d, "summary.json")))
+        assert summary["settings"]["seed"] == 0 and summary["versions"]["torch"] == torch.__version__
+    recovery = json.load(open(os.path.join(recover_dir, "summary.json")))
+    assert [r["task1_step"] for r in recovery["rows"]][:3] == [0, 2, 4]
+    assert all(in_unit_range(r["before"]) and in_unit_range(r["after"]) for r in recovery["rows"])
+    task1_dir = recovery["task1_dir"]
+    assert os.path.exists(task1_dir + ".png")
+    records = [json.loads(line) for line in open(os.path.join(task1_dir, "metrics.jsonl"))]
+    assert records[0]["step"] == 0 and {"task0", "current"} <= records[0].keys()
+    for r in records:
+        assert in_unit_range(r["task0"]) and in_unit_range(r["current"])
+        assert math.isfinite(r.get("loss", 0.0))
+    for name in ("step-0000000", "step-0000002", "step-0000004"):
+        ckpt = os.path.join(task1_dir, "ckpt", name)
+        assert {"config.json", "model.safetensors", "tokenizer.json", "training_state.json"} <= set(os.listdir(ckpt))
+
+
+def test_freeze_leaves_frozen_tensors_bit_identical(runs):
+    runs_dir, _, freeze_dir = runs
+    before = weights(glob.glob(f"{runs_dir}/tiny/task0-*/final")[0])
+    after = weights(os.path.join(freeze_dir, "final"))
+    frozen = [k for k in before if k.startswith(("gpt_neox.embed_in.", "gpt_neox.layers.0."))]
+    trained = [k for k in before if k.startswith(("gpt_neox.layers.1.", "embed_out."))]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_cached_stages_are_reused_and_settings_change_the_key(runs, capsys):
+    runs_dir, _, _ = runs
+    run(runs_dir, "--stage", "task0")
+    assert "task0: cached in" in capsys.readouterr().out
+    assert train.stage_dir(train.parse_args(["--preset", "tiny", "--task0-lr", "1e-3"])[0], "task0")[0] != \
+        train.stage_dir(train.parse_args(["--preset", "tiny"])[0], "task0")[0]
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch):
+    clean = run(tmp_path / "clean", "--stage", "pretrain")
+
+    steps = {"n": 0}
+
+    def interrupt(self, model):
+        steps["n"] += 1
+        if steps["n"] == 11:  # past the state saved at step 9, before the one at step 12
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(strategies.Seq, "after_backward", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "resumed", "--stage", "pretrain")
+    partial = glob.glob(f"{tmp_path}/resumed/tiny/pretrain-*")[0]
+    assert not os.path.exists(os.path.join(partial, "summary.json"))
+    assert json.load(open(os.path.join(partial, "state", "latest.json")))["dir"] == "step-0000009"
+    resumed = run(tmp_path / "resumed", "--stage", "pretrain", "--resume")
+    a, b = weights(os.path.join(clean, "final")), weights(os.path.join(resumed, "final"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))]
+    assert lines == [json.loads(line)["step"] for line in open(os.path.join(clean, "metrics.jsonl"))]
+
+
+def test_cl_metrics_on_a_hand_computed_matrix():
+    R = [[0.9, 0.1, 0.0],
+         [0.5, 0.8, 0.2],
+         [0.3, 0.6, 0.7]]
+    m = train.cl_metrics(R)
+    assert m["average_accuracy"] == pytest.approx((0.3 + 0.6 + 0.7) / 3)
+    assert m["forgetting"] == pytest.approx(((0.9 - 0.3) + (0.8 - 0.6)) / 2)
+    assert m["backward_transfer"] == pytest.approx(((0.3 - 0.9) + (0.6 - 0.8)) / 2)
+    assert train.cl_metrics([[0.5]]) == {"average_accuracy": 0.5, "forgetting": 0.0, "backward_transfer": 0.0}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--stage", "task9"], "--stage 'task9'"),
+    (["--strategy", "ewc2"], "--strategy 'ewc2'"),
+    (["--preset", "huge"], "--preset 'huge'"),
+    (["--freeze-layers", "3"], "--freeze-layers 3: expected 0..2"),
+    (["--freeze-layers", "-1"], "--freeze-layers -1"),
+    (["--pretrain-lr", "fast"], "--pretrain-lr"),
+])
+def test_bad_flags_give_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--preset", "tiny", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_resume_with_nothing_to_resume(tmp_path):
+    with pytest.raises(train.UserError, match="nothing to resume"):
+        run(tmp_path, "--resume")
+
+
+def test_malformed_checkpoint_is_a_one_line_error(tmp_path):
+    pretrain = run(tmp_path, "--stage", "pretrain")
+    with open(os.path.join(pretrain, "final", "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(train.UserError, match="cannot load checkpoint: .*model.safetensors") as err:
+        run(tmp_path, "--stage", "task0")
+    assert "\n" not in str(err.value)

@@ -1,0 +1,643 @@
+"""Continual fine-tuning on the Biography dataset, and the recovery probe that shows forgetting is spurious.
+
+    python train.py                                   # cpu preset: pretrain -> Task 0 -> Task 1 (SEQ) -> recovery
+    python train.py --stage task1 --strategy freeze   # same, freezing the embedding + bottom layers in Task 1
+
+Stages, in order: pretrain (biographies, from scratch) -> task0 (QA of half the people; tested on the
+other half: knowledge *extraction*) -> task1..taskK (QA of new people) -> recover (the probe). Asking
+for a stage runs every missing earlier one. Each stage lives in runs/<preset>/<stage>-<hash>/, where
+the hash covers every setting that shaped it, so a change of settings makes a new directory and
+never reuses an old result. A stage is complete once its summary.json exists.
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts threads: busy-waiting stalls a 2-core box
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+from model import ModelConfig, Transformer, read_safetensors, write_safetensors
+from strategies import STRATEGIES, make_strategy
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    preset: str = arg("cpu", "named settings: tiny (CI, seconds), cpu (a laptop, minutes), paper (GPUs)")
+    seed: int = arg(0, "seed of the data, the initial weights and the batch order")
+    # data
+    people: int = arg(1000, "pretraining population P; Task 0 trains on the first half, tests on the second")
+    task_size: int = arg(200, "new people in each of Tasks 1..K")
+    n_tasks: int = arg(1, "K, the number of new-people tasks after Task 0")
+    # model: GPT-NeoX shape (rotary on a quarter of each head, parallel residual, untied embeddings)
+    n_layer: int = arg(4, "transformer blocks")
+    d_model: int = arg(128, "residual stream width")
+    n_head: int = arg(4, "attention heads")
+    d_ff: int = arg(512, "MLP width")
+    context: int = arg(128, "tokens per pretraining sequence (and the model's max length)")
+    # pretraining
+    pretrain_epochs: int = arg(10, "passes over the biographies")
+    pretrain_batch: int = arg(16, "sequences per pretraining step")
+    pretrain_lr: float = arg(3e-3, "peak pretraining learning rate (AdamW)")
+    pretrain_min_lr: float = arg(3e-4, "cosine floor of the pretraining learning rate")
+    pretrain_warmup: int = arg(100, "linear warm-up steps")
+    pretrain_wd: float = arg(0.1, "pretraining weight decay")
+    # fine-tuning on QA (loss on the answer and EOS only)
+    ft_batch: int = arg(48, "QA pairs per fine-tuning step")
+    ft_wd: float = arg(0.01, "fine-tuning weight decay")
+    task0_lr: float = arg(1e-4, "Task-0 learning rate (constant)")
+    task0_epochs: int = arg(4, "passes over the Task-0 QA pairs")
+    task_lr: float = arg(3e-4, "learning rate of Tasks 1..K (constant)")
+    task_epochs: int = arg(20, "passes over each new task's QA pairs (unless --early-stop ends it sooner)")
+    # continual-learning strategy, from Task 1 on
+    strategy: str = arg("seq", f"one of {', '.join(STRATEGIES)}")
+    freeze_layers: int = arg(2, "freeze strategy: the embedding plus blocks 0..k-1 are frozen")
+    early_stop: float = arg(0.99, "stop a task once its exact match reaches this (0 = never), as in the paper's table")
+    # recovery probe: fine-tune a copy on QA of half the Task-0 training people, test on the Task-0 test people
+    recover_lr: float = arg(1e-4, "recovery-probe learning rate")
+    recover_epochs: int = arg(4, "recovery-probe passes")
+    checkpoint_steps: str = arg("0,10,20,50,100,150", "Task-1 steps to save (and probe); the end is always saved")
+    # evaluation
+    eval_subset: int = arg(600, "QA pairs per set for the frequent evaluations (the end of a task uses all)")
+    dense_every: int = arg(5, "evaluate every this many steps early in a task ...")
+    dense_until: int = arg(200, "... up to this step ...")
+    sparse_every: int = arg(100, "... and every this many steps after")
+    state_every: int = arg(50, "save a resumable training state every this many steps")
+    runs: str = arg("runs", "directory where stages are cached")
+
+
+PRESETS = {
+    "tiny": dict(people=48, task_size=12, n_tasks=2, n_layer=2, d_model=32, n_head=2, d_ff=64, context=64,
+                 pretrain_epochs=2, pretrain_batch=8, pretrain_warmup=2, ft_batch=16, task0_epochs=1,
+                 task_epochs=2, recover_epochs=1, checkpoint_steps="0,2,4", eval_subset=48, dense_every=2,
+                 dense_until=6, sparse_every=4, state_every=3),
+    "cpu": dict(),
+    "paper": dict(people=100_000, task_size=20_000, n_tasks=5, n_layer=12, d_model=768, n_head=12, d_ff=3072,
+                  context=512, pretrain_epochs=80, pretrain_batch=96, pretrain_lr=1e-3, pretrain_min_lr=1e-4,
+                  pretrain_warmup=1000, ft_wd=0.01, task0_lr=5e-6, task0_epochs=10, task_lr=5e-6, task_epochs=25,
+                  early_stop=0.0, freeze_layers=7, recover_lr=5e-6, recover_epochs=1, eval_subset=3000,
+                  sparse_every=1000, state_every=1000),
+}
+# Which settings shape each stage: a stage's cache key hashes these plus the key of the stage before.
+DATA_MODEL = ("seed", "people", "task_size", "n_tasks", "n_layer", "d_model", "n_head", "d_ff", "context")
+EVAL = ("eval_subset", "dense_every", "dense_until", "sparse_every")
+STAGE_FIELDS = {
+    "pretrain": DATA_MODEL + ("pretrain_epochs", "pretrain_batch", "pretrain_lr", "pretrain_min_lr",
+                              "pretrain_warmup", "pretrain_wd"),
+    "task0": ("ft_batch", "ft_wd", "task0_lr", "task0_epochs") + EVAL,
+    "task": ("task_lr", "task_epochs", "strategy", "freeze_layers", "early_stop", "checkpoint_steps"),
+    "recover": ("recover_lr", "recover_epochs"),
+}
+
+
+class UserError(Exception):
+    """A mistake in the command line or in files given to us: reported in one line, no traceback."""
+
+
+# -----------------------------------------------------------------------------------------------
+# Data on the device
+
+
+@dataclass
+class QASet:
+    """One set of QA pairs as tensors, plus the pieces needed for greedy exact match."""
+    tokens: torch.Tensor      # (N, T) prompt + answer + EOS, right-padded
+    loss_mask: torch.Tensor   # (N, T) True on the answer and EOS tokens
+    prompt_len: torch.Tensor  # (N,) position of the answer's first token
+    answer_first: torch.Tensor  # (N,)
+    attribute: torch.Tensor   # (N,) index into data.ATTRIBUTES
+    prompts: list             # N token-id lists, ending at "Answer:"
+    answers: list             # N token-id lists: answer + EOS
+
+    @classmethod
+    def from_arrays(cls, qa: data.QAArrays, device):
+        t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+        prompts = [row[:p].tolist() for row, p in zip(qa.tokens, qa.prompt_len)]
+        answers = [row[p:n].tolist() for row, p, n in zip(qa.tokens, qa.prompt_len, qa.length)]
+        return cls(t(qa.tokens), t(qa.loss_mask), t(qa.prompt_len), t(qa.answer_first_id), t(qa.attribute),
+                   prompts, answers)
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def subset(self, idx):
+        idx_t = torch.as_tensor(idx, device=self.tokens.device)
+        return QASet(self.tokens[idx_t], self.loss_mask[idx_t], self.prompt_len[idx_t], self.answer_first[idx_t],
+                     self.attribute[idx_t], [self.prompts[i] for i in idx], [self.answers[i] for i in idx])
+
+
+def qa_batches(qa: QASet, batch_size, rng):
+    """One epoch of (inputs, targets, loss_mask) batches in a seeded random order."""
+    order = rng.permutation(len(qa))
+    for start in range(0, len(order), batch_size):
+        idx = torch.as_tensor(order[start:start + batch_size], device=qa.tokens.device)
+        width = int(qa.loss_mask[idx].any(0).nonzero().max()) + 1  # trim the padding columns
+        tokens, mask = qa.tokens[idx, :width], qa.loss_mask[idx, :width]
+        yield tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+
+
+def pretrain_batches(entries, cfg, tok, rng, device):
+    blocks = torch.as_tensor(data.pack_pretraining(entries, cfg.context, tok.eos_id, rng), device=device)
+    for start in range(0, len(blocks), cfg.pretrain_batch):
+        rows = blocks[start:start + cfg.pretrain_batch]
+        yield rows[:, :-1], rows[:, 1:], None
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation and continual-learning metrics
+
+
+@torch.no_grad()
+def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=512):
+    """First-token accuracy at the answer position, hard (argmax) and soft (probability), and exact match
+    (greedy decoding must give the answer, then EOS); each per attribute, then averaged over attributes."""
+    was_training = model.training
+    model.eval()
+    per_sample = {"first_token": [], "first_token_prob": []} | ({"em": []} if exact_match else {})
+    for s in range(0, len(qa), batch_size):
+        rows = slice(s, s + batch_size)
+        prompt_len, first = qa.prompt_len[rows], qa.answer_first[rows]
+        logits, _ = model(qa.tokens[rows, :int(prompt_len.max())])        # right padding: causal, harmless
+        at_answer = logits[torch.arange(len(first)), prompt_len - 1].float()  # (B, V)
+        per_sample["first_token"].append((at_answer.argmax(-1) == first).float().cpu())
+        per_sample["first_token_prob"].append(at_answer.softmax(-1).gather(1, first[:, None])[:, 0].cpu())
+        if exact_match:
+            answers = qa.answers[rows]
+            generated = model.generate(qa.prompts[rows], max(map(len, answers)), eos_id=tok.eos_id, pad_id=tok.pad_id)
+            per_sample["em"].append(torch.tensor([g == a for g, a in zip(generated, answers)], dtype=torch.float))
+    model.train(was_training)
+    attribute = qa.attribute.cpu()
+    out = {}
+    for metric, values in per_sample.items():
+        values = torch.cat(values)
+        by_attr = {a: values[attribute == i].mean().item() for i, a in enumerate(data.ATTRIBUTES) if (attribute == i).any()}
+        out[metric] = sum(by_attr.values()) / len(by_attr)
+        out[f"{metric}_by_attribute"] = by_attr
+    return out
+
+
+def cl_metrics(R):
+    """Summaries of an accuracy matrix R (T x T): R[i][j] = accuracy on task j after training task i.
+
+    average accuracy  A = mean_j R[T-1][j]                      (how good the final model is on all tasks)
+    forgetting        F = mean_{j<T-1} (max_{i<T-1} R[i][j] - R[T-1][j])   (drop from each task's best; Chaudhry et al.)
+    backward transfer BWT = mean_{j<T-1} (R[T-1][j] - R[j][j])  (negative = forgetting; Lopez-Paz & Ranzato)
+    With a single task, F and BWT are 0.
+    """
+    R = np.asarray(R, dtype=float)
+    T = len(R)
+    if T == 1:
+        return {"average_accuracy": float(R[0, 0]), "forgetting": 0.0, "backward_transfer": 0.0}
+    old = range(T - 1)
+    return {"average_accuracy": float(R[-1].mean()),
+            "forgetting": float(np.mean([R[:-1, j].max() - R[-1, j] for j in old])),
+            "backward_transfer": float(np.mean([R[-1, j] - R[j, j] for j in old]))}
+
+# -----------------------------------------------------------------------------------------------
+# Files: every write is atomic (temporary name, then rename), so an interrupted run loses nothing.
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, tok, path, info):
+    """An HF checkpoint directory plus tokenizer.json and training_state.json, appearing all at once."""
+    tmp = f"{path}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    write_json(os.path.join(tmp, "training_state.json"), info)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
+
+
+def load_checkpoint(path, device):
+    try:
+        return Transformer.from_pretrained(path).to(device)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"cannot load checkpoint: {e}") from None
+
+
+def save_state(model, opt, out, step):
+    """Everything needed to continue a stage exactly: weights, AdamW moments, step, torch RNG.
+    (Batch order needs no state: each epoch's order is drawn from its own seeded generator.)"""
+    state_dir = os.path.join(out, "state")
+    name = f"step-{step:07d}"
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | {"torch_rng": torch.get_rng_state()}
+    opt_state = opt.state_dict()
+    for i, moments in opt_state["state"].items():
+        tensors |= {f"opt.{i}.{k}": v.reshape(1) if v.dim() == 0 else v for k, v in moments.items()}
+    os.makedirs(os.path.join(state_dir, name), exist_ok=True)
+    write_safetensors(os.path.join(state_dir, name, "state.safetensors"), {k: v.cpu().contiguous() for k, v in tensors.items()})
+    write_json(os.path.join(state_dir, name, "state.json"), {"step": step, "param_groups": opt_state["param_groups"]})
+    write_json(os.path.join(state_dir, "latest.json"), {"dir": name})  # the switch-over is this one rename
+    for old in os.listdir(state_dir):
+        if old.startswith("step-") and old != name:
+            shutil.rmtree(os.path.join(state_dir, old), ignore_errors=True)
+
+
+def load_state(model, opt, out):
+    path = os.path.join(out, "state")
+    try:
+        path = os.path.join(path, json.load(open(os.path.join(path, "latest.json")))["dir"])
+        meta = json.load(open(os.path.join(path, "state.json")))
+        tensors = read_safetensors(os.path.join(path, "state.safetensors"))
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        moments = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                moments.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+        opt.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(tensors["torch_rng"])
+        return meta["step"]
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"cannot resume from {path}: {e}") from None
+
+# -----------------------------------------------------------------------------------------------
+# The training loop, shared by every stage
+
+
+@dataclass
+class Phase:
+    """How one stage trains: its data, schedule, strategy hooks, evaluations and checkpoints."""
+    name: str
+    task: int                # passed to the strategy hooks (-1 = pretraining)
+    epochs: int
+    steps_per_epoch: int
+    make_epoch: object       # rng -> iterator of (inputs, targets, loss_mask) batches
+    lr: float
+    min_lr: float            # cosine floor; equal to lr for a constant schedule
+    warmup: int
+    weight_decay: float
+    strategy: object
+    evals: dict = field(default_factory=dict)  # name -> (model -> metrics); 'current' drives early stop
+    eval_points: set = field(default_factory=set)
+    early_stop: float = 0.0
+    save_steps: set = field(default_factory=set)
+
+    @property
+    def total(self):
+        return self.epochs * self.steps_per_epoch
+
+
+def lr_at(step, phase):
+    if step < phase.warmup:
+        return phase.lr * (step + 1) / phase.warmup
+    progress = (step - phase.warmup) / max(1, phase.total - phase.warmup)
+    return phase.min_lr + (phase.lr - phase.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_loop(model, phase: Phase, out, cfg, tok, resume):
+    """Train one stage into `out`; returns (steps taken, stopped early?)."""
+    phase.strategy.before_task(model, phase.task)
+    params = [p for p in model.parameters() if p.requires_grad]
+    on_gpu = next(model.parameters()).is_cuda
+    opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=phase.weight_decay,
+                            fused=on_gpu)
+    step = load_state(model, opt, out) if resume and os.path.exists(os.path.join(out, "state")) else 0
+    if step:
+        print(f"  {phase.name}: resuming at step {step}")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step] if step else []
+    with open(metrics_path + ".tmp", "w") as f:  # drop records written after the state we resume from
+        f.writelines(kept)
+    os.replace(metrics_path + ".tmp", metrics_path)
+    metrics = open(metrics_path, "a")
+
+    def log(extra):
+        record = {"stage": phase.name, "step": step, **extra} | {name: fn(model) for name, fn in phase.evals.items()}
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        return record
+
+    def checkpoint():
+        save_checkpoint(model, tok, os.path.join(out, "ckpt", f"step-{step:07d}"), {"step": step, "task": phase.task})
+
+    if step == 0:
+        if 0 in phase.eval_points:
+            log({})
+        if 0 in phase.save_steps:
+            checkpoint()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+    bar = tqdm(total=phase.total, initial=step, desc=phase.name, leave=False, dynamic_ncols=True)
+    batches, stopped = None, False
+    while step < phase.total and not stopped:
+        epoch, i = divmod(step, phase.steps_per_epoch)
+        if i == 0 or batches is None:  # each epoch's order comes from its own seeded generator: resumable
+            batches = list(phase.make_epoch(np.random.default_rng([cfg.seed, phase.task + 1, epoch])))
+        inputs, targets, mask = batches[i]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, phase)
+        with autocast:
+            _, loss = model(inputs, targets, loss_mask=mask)
+        loss = phase.strategy.loss(model, (inputs, targets, mask), loss)
+        loss.backward()
+        phase.strategy.after_backward(model)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step in phase.eval_points or step == phase.total:
+            record = log({"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+            stopped = phase.early_stop > 0 and record.get("current", {}).get("em", 0) >= phase.early_stop
+        if step in phase.save_steps:
+            checkpoint()
+        if step % cfg.state_every == 0 or step == phase.total or stopped:
+            save_state(model, opt, out, step)
+    bar.close()
+    metrics.close()
+    phase.strategy.after_task(model, phase.task)
+    return step, stopped
+
+# -----------------------------------------------------------------------------------------------
+# Stages: pretrain -> task0 -> task1 .. taskK, and recover (which probes Task 1's checkpoints)
+
+
+def stage_names(cfg):
+    return ["pretrain", "task0"] + [f"task{k}" for k in range(1, cfg.n_tasks + 1)] + ["recover"]
+
+
+def previous_stage(stage):
+    fixed = {"pretrain": None, "task0": "pretrain", "recover": "task1"}
+    return fixed[stage] if stage in fixed else f"task{int(stage[4:]) - 1}"
+
+
+def stage_dir(cfg, stage):
+    """runs/<preset>/<stage>[-<strategy>]-<hash of every setting that shaped this stage and those before it>."""
+    chain, s = [], stage
+    while s:
+        chain.append(s)
+        s = previous_stage(s)
+    fields = [f for s in reversed(chain) for f in STAGE_FIELDS[s if s in ("pretrain", "task0", "recover") else "task"]]
+    settings = {f: getattr(cfg, f) for f in dict.fromkeys(fields)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    label = stage if stage in ("pretrain", "task0") else f"{stage}-{make_strategy(cfg.strategy, cfg.freeze_layers).describe()}"
+    return os.path.join(cfg.runs, cfg.preset, f"{label}-{digest}"), settings
+
+
+def environment():
+    return {"versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"}
+
+
+class Experiment:
+    """The dataset, tokenizer and evaluation sets of one configuration, and the stages built on them."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tok = data.build_tokenizer()
+        dcfg = data.DataConfig(n_people=cfg.people, task_size=cfg.task_size, n_tasks=cfg.n_tasks, seed=cfg.seed)
+        self.bio = data.build_dataset(dcfg, self.tok)
+        self.qa = {}
+
+    def qa_set(self, split):
+        if split not in self.qa:
+            self.qa[split] = QASet.from_arrays(data.qa_arrays(self.bio, self.bio.splits[split], self.tok), self.device)
+        return self.qa[split]
+
+    def eval_fn(self, split, full=False):
+        qa = self.qa_set(split)
+        if not full and len(qa) > self.cfg.eval_subset:  # a fixed subset, the same at every evaluation
+            rng = np.random.default_rng([self.cfg.seed, 11])
+            qa = qa.subset(sorted(rng.choice(len(qa), self.cfg.eval_subset, replace=False).tolist()))
+        return lambda model: evaluate(model, qa, self.tok)
+
+    def eval_points(self, total):
+        c = self.cfg
+        return set(range(0, min(total, c.dense_until) + 1, c.dense_every)) | set(range(0, total + 1, c.sparse_every))
+
+    def run(self, stage, resume):
+        """Build `stage`, and first whatever it needs, unless cached; return its directory."""
+        out, settings = stage_dir(self.cfg, stage)
+        if os.path.exists(os.path.join(out, "summary.json")):
+            print(f"{stage}: cached in {out}")
+            return out
+        prev_dir = self.run(previous_stage(stage), resume) if previous_stage(stage) else None
+        if os.path.exists(out) and not resume:
+            print(f"{stage}: {out} holds an interrupted run; starting it over (--resume continues it)")
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "settings.json"), {"stage": stage, "settings": settings, **environment()})
+        print(f"{stage}: training into {out}")
+        start = time.time()
+        build = {"pretrain": self.pretrain, "recover": self.recover}.get(stage, self.task)
+        summary = build(stage, out, prev_dir, resume)
+        summary |= {"stage": stage, "seconds": round(time.time() - start, 1), "settings": settings, **environment()}
+        write_json(os.path.join(out, "summary.json"), summary)
+        return out
+
+    def pretrain(self, stage, out, prev_dir, resume):
+        c = self.cfg
+        torch.manual_seed(c.seed)
+        model = Transformer(ModelConfig(model_type="gpt_neox", vocab_size=self.tok.vocab_size, n_layer=c.n_layer,
+                                        n_head=c.n_head, d_model=c.d_model, d_ff=c.d_ff, max_seq_len=c.context))
+        model.to(self.device)
+        print(f"  model: {model.num_params() / 1e6:.2f}M parameters, vocabulary {self.tok.vocab_size}")
+        entries = self.bio.bio_token_ids(self.bio.splits["pretrain"])
+        n_blocks = len(data.pack_pretraining(entries, c.context, self.tok.eos_id, np.random.default_rng(0)))
+        steps_per_epoch = math.ceil(n_blocks / c.pretrain_batch)
+        probe = self.bio_probe()
+        phase = Phase("pretrain", -1, c.pretrain_epochs, steps_per_epoch,
+                      lambda rng: pretrain_batches(entries, c, self.tok, rng, self.device), c.pretrain_lr,
+                      c.pretrain_min_lr, c.pretrain_warmup, c.pretrain_wd, make_strategy("seq"), evals={"bio": probe})
+        phase.eval_points = set(range(0, phase.total + 1, steps_per_epoch))  # once an epoch
+        train_loop(model, phase, out, c, self.tok, resume)
+        save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": "pretrain", "step": phase.total})
+        result = probe(model)
+        print(f"  pretraining done: biography attribute first-token accuracy {result['first_token']:.3f}")
+        return {"bio": result}
+
+    def bio_probe(self):
+        """Memorisation: first-token accuracy of each attribute value inside a biography sentence."""
+        c = self.cfg
+        people = self.bio.splits["pretrain"]
+        people = people[np.random.default_rng([c.seed, 12]).permutation(len(people))[:max(1, c.eval_subset // 6)]]
+        qa = QASet.from_arrays(data.bio_probe_arrays(self.bio, people, self.tok), self.device)
+        return lambda model: evaluate(model, qa, self.tok, exact_match=False)
+
+    def task(self, stage, out, prev_dir, resume):
+        c, k = self.cfg, int(stage[4:])
+        model = load_checkpoint(os.path.join(prev_dir, "final"), self.device)
+        train_qa = self.qa_set("task0_train" if k == 0 else stage)
+        epochs, lr = (c.task0_epochs, c.task0_lr) if k == 0 else (c.task_epochs, c.task_lr)
+        steps_per_epoch = math.ceil(len(train_qa) / c.ft_batch)
+        evals = {"task0": self.eval_fn("task0_test")} | ({"current": self.eval_fn(stage)} if k else {})
+        strategy = make_strategy(c.strategy, c.freeze_layers) if k else make_strategy("seq")
+        phase = Phase(stage, k, epochs, steps_per_epoch, lambda rng: qa_batches(train_qa, c.ft_batch, rng), lr, lr,
+                      0, c.ft_wd, strategy, evals, self.eval_points(epochs * steps_per_epoch),
+                      early_stop=c.early_stop if k else 0.0,
+                      save_steps={int(s) for s in c.checkpoint_steps.split(",")} if k == 1 else set())
+        steps, stopped = train_loop(model, phase, out, c, self.tok, resume)
+        save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": stage, "step": steps})
+        # Full evaluation on every task so far: row k of the accuracy matrix R.
+        row = {"task0": evaluate(model, self.qa_set("task0_test"), self.tok)}
+        row |= {f"task{j}": evaluate(model, self.qa_set(f"task{j}"), self.tok) for j in range(1, k + 1)}
+        print(f"  {stage} done after {steps} steps{' (early stop)' if stopped else ''}: "
+              + ", ".join(f"{name} EM {r['em']:.3f}" for name, r in row.items()))
+        return {"steps": steps, "stopped_early": stopped, "strategy": strategy.describe(), "results": row,
+                "accuracy_row": [r["em"] for r in row.values()]}
+
+    def recover(self, stage, out, task1_dir, resume):
+        """The recovery probe: a short fine-tune on QA of *other* Task-0 people. If Task-0 test accuracy
+        comes back, the knowledge was still in the weights and only the task alignment was lost."""
+        c = self.cfg
+        train_qa, test = self.qa_set("recover"), self.eval_fn("task0_test", full=True)
+        rows = []
+        probes = sorted(os.listdir(os.path.join(task1_dir, "ckpt"))) + ["final"]
+        for name in tqdm(probes, desc="recover", leave=False):
+            probe_dir, result_path = os.path.join(out, name), os.path.join(out, name, "result.json")
+            if os.path.exists(result_path):  # done before an interruption
+                rows.append(json.load(open(result_path)))
+                continue
+            path = os.path.join(task1_dir, "final" if name == "final" else os.path.join("ckpt", name))
+            model = load_checkpoint(path, self.device)
+            before = test(model)
+            phase = Phase(f"recover {name}", 0, c.recover_epochs, math.ceil(len(train_qa) / c.ft_batch),
+                          lambda rng: qa_batches(train_qa, c.ft_batch, rng), c.recover_lr, c.recover_lr, 0, c.ft_wd,
+                          make_strategy("seq"))
+            os.makedirs(probe_dir, exist_ok=True)
+            train_loop(model, phase, probe_dir, c, self.tok, resume)
+            after = test(model)
+            step = json.load(open(os.path.join(path, "training_state.json")))["step"]
+            rows.append({"checkpoint": name, "task1_step": step, "task0_em_before": before["em"],
+                         "task0_em_after": after["em"], "before": before, "after": after})
+            write_json(result_path, rows[-1])
+        return {"task1_dir": task1_dir, "rows": rows}
+
+# -----------------------------------------------------------------------------------------------
+# Report: a printed table and a plot
+
+
+def related_runs(cfg, stage):
+    """Completed runs of `stage` (any strategy) that share this configuration's pretraining and Task 0."""
+    shared, _ = stage_dir(cfg, "task0")
+    task0_settings = json.load(open(os.path.join(shared, "summary.json")))["settings"]
+    root = os.path.join(cfg.runs, cfg.preset)
+    runs = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name, "summary.json")
+        if name.startswith(stage + "-") and os.path.exists(path):
+            summary = json.load(open(path))
+            if all(summary["settings"].get(k) == v for k, v in task0_settings.items()):
+                runs.append((os.path.join(root, name), summary))
+    return runs
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def report(cfg):
+    """Print what the completed stages found, and plot Task 1's dense curves with the recovery probe."""
+    pre = json.load(open(os.path.join(stage_dir(cfg, "pretrain")[0], "summary.json")))
+    print(f"\npretraining: biography attribute first-token accuracy {pre['bio']['first_token']:.3f}")
+    task0 = os.path.join(stage_dir(cfg, "task0")[0], "summary.json")
+    if not os.path.exists(task0):
+        return
+    print(f"task 0: held-out (extraction) exact match {json.load(open(task0))['results']['task0']['em']:.3f}")
+    recovered = {s["settings"]["strategy"] + str(s["settings"]["freeze_layers"]): s for _, s in related_runs(cfg, "recover")}
+    print(f"\n{'task 1 run':<22}{'steps':>6}{'T0 start':>10}{'T0 min@50':>10}{'T0 end':>8}{'T1 end':>8}{'T0 recovered':>14}")
+    for run_dir, s in related_runs(cfg, "task1"):
+        curve = read_metrics(run_dir)
+        early = [r["task0"]["em"] for r in curve if r["step"] <= 50]
+        rec = recovered.get(s["settings"]["strategy"] + str(s["settings"]["freeze_layers"]))
+        rec_end = f"{rec['rows'][-1]['task0_em_after']:.3f}" if rec else "-"
+        print(f"{s['strategy'] + (' (early stop)' if s['stopped_early'] else ''):<22}{s['steps']:>6}"
+              f"{curve[0]['task0']['em']:>10.3f}{min(early):>10.3f}{s['results']['task0']['em']:>8.3f}"
+              f"{s['results']['task1']['em']:>8.3f}{rec_end:>14}")
+    for rec in recovered.values():
+        print(f"\nrecovery probe, {rec['task1_dir']}")
+        print(f"{'task-1 step':>12}{'T0 EM before':>14}{'after':>8}")
+        for row in rec["rows"]:
+            print(f"{row['task1_step']:>12}{row['task0_em_before']:>14.3f}{row['task0_em_after']:>8.3f}")
+        plot_run(rec["task1_dir"], rec["rows"], os.path.join(os.path.dirname(rec["task1_dir"]), f"{os.path.basename(rec['task1_dir'])}.png"))
+
+
+def plot_run(task1_dir, recovery_rows, path):
+    """Task-0 and Task-1 exact match over Task-1 steps, with the recovered Task-0 accuracy overlaid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curve = read_metrics(task1_dir)
+    steps = [r["step"] for r in curve]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["task0"]["em"] for r in curve], label="Task 0 (test people)", color="C0")
+    ax.plot(steps, [r["current"]["em"] for r in curve], label="Task 1", color="C1")
+    ax.plot([r["task1_step"] for r in recovery_rows], [r["task0_em_after"] for r in recovery_rows], "o--",
+            color="C2", label="Task 0 after recovery probe")
+    ax.set(xlabel="Task-1 training step", ylabel="exact match", ylim=(-0.02, 1.02),
+           title=os.path.basename(task1_dir))
+    ax.set_xscale("symlog", linthresh=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    print(f"plot: {path}")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", default="recover",
+                        help="stage to reach: pretrain, task0, task1..taskK, or recover (default: recover)")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted stages from their last saved state")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=None,
+                            help=f"{f.metadata['help']} (cpu preset: {default})")
+    args = parser.parse_args(argv)
+    preset = args.preset or "cpu"
+    if preset not in PRESETS:
+        parser.error(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    cfg = TrainConfig(**(PRESETS[preset] | overrides | {"preset": preset}))
+    if cfg.strategy not in STRATEGIES:
+        parser.error(f"--strategy {cfg.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if not 0 <= cfg.freeze_layers <= cfg.n_layer:
+        parser.error(f"--freeze-layers {cfg.freeze_layers}: expected 0..{cfg.n_layer} (the model has {cfg.n_layer} blocks)")
+    if args.stage not in stage_names(cfg):
+        parser.error(f"--stage {args.stage!r}: expected one of {', '.join(stage_names(cfg))}")
+    return cfg, args.stage, args.resume
+
+
+def main(argv=None):
+    cfg, stage, resume = parse_args(argv)
+    if resume and not os.path.exists(stage_dir(cfg, "pretrain")[0]):
+        raise UserError(f"--resume: nothing to resume under {os.path.join(cfg.runs, cfg.preset)} for these settings")
+    torch.manual_seed(cfg.seed)
+    exp = Experiment(cfg)
+    out = exp.run(stage, resume)
+    report(cfg)
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
