@@ -126,7 +126,7 @@ def single_layer(net):
     (the update writes outside the principal subspace of its input). The shift the update causes at
     the layer's output, T = dW_l X_{l-1}, has in-subspace share
         ||P_l T||_F / ||T||_F  <=  delta s_1 / (s_r - s_{r+1} - delta s_1)   (when the denominator is > 0),
-and its square bounds the share of the shift's energy inside P_l.
+    and its square bounds the share of the shift's energy inside P_l.
     Proof: P_{l-1} T = 0, so P_l T = (P_l - P_{l-1}) T and the share is at most ||P_l - P_{l-1}||_2;
     X_l = X + W_l X with ||W_l X||_2 <= delta s_1, so Wedin's theorem (b) gives the bound.
     Returns (measured, bound) at the layer where measured / bound is largest."""

@@ -43,7 +43,7 @@ class TrainConfig:
     preset: str = arg("cpu", "named settings: tiny (CI, seconds), cpu (a laptop, minutes), paper (GPUs)")
     seed: int = arg(0, "seed of the data, the initial weights and the batch order")
     # data
-    people: int = arg(1000, "pretraining population P; Task 0 trains on the first half, tests on the second")
+    people: int = arg(500, "pretraining population P; Task 0 trains on the first half, tests on the second")
     task_size: int = arg(200, "new people in each of Tasks 1..K")
     n_tasks: int = arg(1, "K, the number of new-people tasks after Task 0")
     # model: GPT-NeoX shape (rotary on a quarter of each head, parallel residual, untied embeddings)
@@ -53,10 +53,10 @@ class TrainConfig:
     d_ff: int = arg(512, "MLP width")
     context: int = arg(128, "tokens per pretraining sequence (and the model's max length)")
     # pretraining
-    pretrain_epochs: int = arg(10, "passes over the biographies")
+    pretrain_epochs: int = arg(16, "passes over the biographies")
     pretrain_batch: int = arg(16, "sequences per pretraining step")
-    pretrain_lr: float = arg(3e-3, "peak pretraining learning rate (AdamW)")
-    pretrain_min_lr: float = arg(3e-4, "cosine floor of the pretraining learning rate")
+    pretrain_lr: float = arg(5e-3, "peak pretraining learning rate (AdamW)")
+    pretrain_min_lr: float = arg(5e-4, "cosine floor of the pretraining learning rate")
     pretrain_warmup: int = arg(100, "linear warm-up steps")
     pretrain_wd: float = arg(0.1, "pretraining weight decay")
     # fine-tuning on QA (loss on the answer and EOS only)
@@ -65,20 +65,21 @@ class TrainConfig:
     task0_lr: float = arg(1e-4, "Task-0 learning rate (constant)")
     task0_epochs: int = arg(4, "passes over the Task-0 QA pairs")
     task_lr: float = arg(3e-4, "learning rate of Tasks 1..K (constant)")
-    task_epochs: int = arg(20, "passes over each new task's QA pairs (unless --early-stop ends it sooner)")
+    task_epochs: int = arg(30, "passes over each new task's QA pairs (unless --early-stop ends it sooner)")
     # continual-learning strategy, from Task 1 on
     strategy: str = arg("seq", f"one of {', '.join(STRATEGIES)}")
-    freeze_layers: int = arg(2, "freeze strategy: the embedding plus blocks 0..k-1 are frozen")
+    freeze_layers: int = arg(1, "freeze strategy: the embedding plus blocks 0..k-1 are frozen")
     early_stop: float = arg(0.99, "stop a task once its exact match reaches this (0 = never), as in the paper's table")
     # recovery probe: fine-tune a copy on QA of half the Task-0 training people, test on the Task-0 test people
     recover_lr: float = arg(1e-4, "recovery-probe learning rate")
     recover_epochs: int = arg(4, "recovery-probe passes")
     checkpoint_steps: str = arg("0,10,20,50,100,150", "Task-1 steps to save (and probe); the end is always saved")
     # evaluation
-    eval_subset: int = arg(600, "QA pairs per set for the frequent evaluations (the end of a task uses all)")
+    eval_subset: int = arg(1200, "QA pairs per set for the frequent evaluations (the end of a task uses all;\n"
+                                "the memorisation probe uses up to 3x this many biography sentences)")
     dense_every: int = arg(5, "evaluate every this many steps early in a task ...")
     dense_until: int = arg(200, "... up to this step ...")
-    sparse_every: int = arg(100, "... and every this many steps after")
+    sparse_every: int = arg(25, "... and every this many steps after")
     state_every: int = arg(50, "save a resumable training state every this many steps")
     runs: str = arg("runs", "directory where stages are cached")
 
@@ -97,12 +98,12 @@ PRESETS = {
 }
 # Which settings shape each stage: a stage's cache key hashes these plus the key of the stage before.
 DATA_MODEL = ("seed", "people", "task_size", "n_tasks", "n_layer", "d_model", "n_head", "d_ff", "context")
-EVAL = ("eval_subset", "dense_every", "dense_until", "sparse_every")
 STAGE_FIELDS = {
     "pretrain": DATA_MODEL + ("pretrain_epochs", "pretrain_batch", "pretrain_lr", "pretrain_min_lr",
-                              "pretrain_warmup", "pretrain_wd"),
-    "task0": ("ft_batch", "ft_wd", "task0_lr", "task0_epochs") + EVAL,
-    "task": ("task_lr", "task_epochs", "strategy", "freeze_layers", "early_stop", "checkpoint_steps"),
+                              "pretrain_warmup", "pretrain_wd", "eval_subset"),
+    "task0": ("ft_batch", "ft_wd", "task0_lr", "task0_epochs"),
+    "task": ("task_lr", "task_epochs", "strategy", "freeze_layers", "early_stop", "checkpoint_steps",
+             "dense_every", "dense_until", "sparse_every"),
     "recover": ("recover_lr", "recover_epochs"),
 }
 
@@ -193,21 +194,22 @@ def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=512):
 
 
 def cl_metrics(R):
-    """Summaries of an accuracy matrix R (T x T): R[i][j] = accuracy on task j after training task i.
+    """Summaries of an accuracy matrix R: R[i][j] = accuracy on task j after training tasks 0..i.
+    Row i may stop at column i (later tasks are not trained yet); entries with j > i are ignored.
+    With T = len(R) tasks trained:
 
-    average accuracy  A = mean_j R[T-1][j]                      (how good the final model is on all tasks)
-    forgetting        F = mean_{j<T-1} (max_{i<T-1} R[i][j] - R[T-1][j])   (drop from each task's best; Chaudhry et al.)
-    backward transfer BWT = mean_{j<T-1} (R[T-1][j] - R[j][j])  (negative = forgetting; Lopez-Paz & Ranzato)
-    With a single task, F and BWT are 0.
+    average accuracy  A   = mean_j R[T-1][j]                              (the final model on every task)
+    forgetting        F   = mean_{j<T-1} (max_{j<=i<T-1} R[i][j] - R[T-1][j])  (drop from each task's best)
+    backward transfer BWT = mean_{j<T-1} (R[T-1][j] - R[j][j])            (negative when old tasks suffer)
+
+    (Chaudhry et al. 2018 for F; Lopez-Paz & Ranzato 2017 for BWT.) With one task, F = BWT = 0.
     """
-    R = np.asarray(R, dtype=float)
     T = len(R)
-    if T == 1:
-        return {"average_accuracy": float(R[0, 0]), "forgetting": 0.0, "backward_transfer": 0.0}
     old = range(T - 1)
-    return {"average_accuracy": float(R[-1].mean()),
-            "forgetting": float(np.mean([R[:-1, j].max() - R[-1, j] for j in old])),
-            "backward_transfer": float(np.mean([R[-1, j] - R[j, j] for j in old]))}
+    return {"average_accuracy": float(np.mean(R[-1][:T])),
+            "forgetting": float(np.mean([max(R[i][j] for i in range(j, T - 1)) - R[-1][j] for j in old])) if T > 1 else 0.0,
+            "backward_transfer": float(np.mean([R[-1][j] - R[j][j] for j in old])) if T > 1 else 0.0}
+
 
 # -----------------------------------------------------------------------------------------------
 # Files: every write is atomic (temporary name, then rename), so an interrupted run loses nothing.
@@ -313,8 +315,9 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
     phase.strategy.before_task(model, phase.task)
     params = [p for p in model.parameters() if p.requires_grad]
     on_gpu = next(model.parameters()).is_cuda
-    opt = torch.optim.AdamW(params, lr=phase.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=phase.weight_decay,
-                            fused=on_gpu)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": phase.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
+    opt = torch.optim.AdamW(groups, lr=phase.lr, betas=(0.9, 0.98), eps=1e-6, fused=on_gpu)
     step = load_state(model, opt, out) if resume and os.path.exists(os.path.join(out, "state")) else 0
     if step:
         print(f"  {phase.name}: resuming at step {step}")
@@ -475,7 +478,7 @@ class Experiment:
         """Memorisation: first-token accuracy of each attribute value inside a biography sentence."""
         c = self.cfg
         people = self.bio.splits["pretrain"]
-        people = people[np.random.default_rng([c.seed, 12]).permutation(len(people))[:max(1, c.eval_subset // 6)]]
+        people = people[np.random.default_rng([c.seed, 12]).permutation(len(people))[:max(1, c.eval_subset // 2)]]
         qa = QASet.from_arrays(data.bio_probe_arrays(self.bio, people, self.tok), self.device)
         return lambda model: evaluate(model, qa, self.tok, exact_match=False)
 
@@ -487,9 +490,10 @@ class Experiment:
         steps_per_epoch = math.ceil(len(train_qa) / c.ft_batch)
         evals = {"task0": self.eval_fn("task0_test")} | ({"current": self.eval_fn(stage)} if k else {})
         strategy = make_strategy(c.strategy, c.freeze_layers) if k else make_strategy("seq")
+        # Task 0 is evaluated once an epoch; the new tasks densely, as the forgetting happens early.
+        eval_points = self.eval_points(epochs * steps_per_epoch) if k else set(range(0, epochs * steps_per_epoch + 1, steps_per_epoch))
         phase = Phase(stage, k, epochs, steps_per_epoch, lambda rng: qa_batches(train_qa, c.ft_batch, rng), lr, lr,
-                      0, c.ft_wd, strategy, evals, self.eval_points(epochs * steps_per_epoch),
-                      early_stop=c.early_stop if k else 0.0,
+                      0, c.ft_wd, strategy, evals, eval_points, early_stop=c.early_stop if k else 0.0,
                       save_steps={int(s) for s in c.checkpoint_steps.split(",")} if k == 1 else set())
         steps, stopped = train_loop(model, phase, out, c, self.tok, resume)
         save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": stage, "step": steps})
@@ -559,6 +563,11 @@ def report(cfg):
     if not os.path.exists(task0):
         return
     print(f"task 0: held-out (extraction) exact match {json.load(open(task0))['results']['task0']['em']:.3f}")
+    rows = [json.load(open(os.path.join(stage_dir(cfg, f"task{k}")[0], "summary.json")))["accuracy_row"]
+            for k in range(cfg.n_tasks + 1) if os.path.exists(os.path.join(stage_dir(cfg, f"task{k}")[0], "summary.json"))]
+    if len(rows) > 1:
+        print(f"accuracy matrix (exact match; row i = after task i, {cfg.strategy}): {rows}")
+        print("  " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in cl_metrics(rows).items()))
     recovered = {s["settings"]["strategy"] + str(s["settings"]["freeze_layers"]): s for _, s in related_runs(cfg, "recover")}
     print(f"\n{'task 1 run':<22}{'steps':>6}{'T0 start':>10}{'T0 min@50':>10}{'T0 end':>8}{'T1 end':>8}{'T0 recovered':>14}")
     for run_dir, s in related_runs(cfg, "task1"):
@@ -589,11 +598,11 @@ def plot_run(task1_dir, recovery_rows, path):
     ax.plot(steps, [r["current"]["em"] for r in curve], label="Task 1", color="C1")
     ax.plot([r["task1_step"] for r in recovery_rows], [r["task0_em_after"] for r in recovery_rows], "o--",
             color="C2", label="Task 0 after recovery probe")
-    ax.set(xlabel="Task-1 training step", ylabel="exact match", ylim=(-0.02, 1.02),
+    ax.set_xscale("symlog", linthresh=10)  # linear for the first 10 steps, where the collapse starts
+    ax.set(xlabel="Task-1 training step", ylabel="exact match", ylim=(-0.02, 1.02), xlim=(0, max(steps)),
            title=os.path.basename(task1_dir))
-    ax.set_xscale("symlog", linthresh=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="center right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)
     plt.close(fig)

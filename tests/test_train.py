@@ -103,13 +103,14 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
 
 
 def test_cl_metrics_on_a_hand_computed_matrix():
-    R = [[0.9, 0.1, 0.0],
+    R = [[0.9, 0.95, 0.0],   # R[0][1] = 0.95 is before Task 1 was trained: forgetting must ignore it
          [0.5, 0.8, 0.2],
          [0.3, 0.6, 0.7]]
     m = train.cl_metrics(R)
     assert m["average_accuracy"] == pytest.approx((0.3 + 0.6 + 0.7) / 3)
     assert m["forgetting"] == pytest.approx(((0.9 - 0.3) + (0.8 - 0.6)) / 2)
     assert m["backward_transfer"] == pytest.approx(((0.3 - 0.9) + (0.6 - 0.8)) / 2)
+    assert train.cl_metrics([[0.9], [0.5, 0.8], [0.3, 0.6, 0.7]]) == m  # the lower triangle is enough
     assert train.cl_metrics([[0.5]]) == {"average_accuracy": 0.5, "forgetting": 0.0, "backward_transfer": 0.0}
 
 
