@@ -82,7 +82,7 @@ class DataConfig:
 
 PRESETS = {
     "tiny": DataConfig(n_people=48, task_size=12, n_tasks=2),  # tests and CI
-    "cpu": DataConfig(n_people=1000, task_size=200, n_tasks=2),  # a laptop run
+    "cpu": DataConfig(n_people=500, task_size=200, n_tasks=1),  # a laptop run (train.py's default)
     "paper": DataConfig(n_people=100_000, task_size=20_000, n_tasks=5),  # the paper's scale
 }
 
@@ -209,7 +209,7 @@ def _piece_groups(pools: Pools) -> dict[str, list[str]]:
     """Every fragment a text is made of, in named groups. A biography sentence is
     first + middle + last + head + value + tail; a QA pair is qa_head + first + middle + last +
     qa_tail + value (+ EOS). Names and values carry their leading space, except an entry's first word."""
-    groups = {"first_bare": pools.first_names, "first": [" " + n for n in pools.first_names],
+    groups = {"empty": [""], "first_bare": pools.first_names, "first": [" " + n for n in pools.first_names],
               "middle": [" " + n for n in pools.middle_names], "last": [" " + n for n in pools.last_names]}
     for a in ATTRIBUTES:
         heads, tails = zip(*(_split_template(t, a, "template") for t in pools.templates[a]))
@@ -503,18 +503,23 @@ def qa_arrays(data: BioData, person_ids, tokenizer: Tokenizer) -> QAArrays:
 
 
 def bio_probe_arrays(data: BioData, person_ids, tokenizer: Tokenizer) -> QAArrays:
-    """Memorisation probe: each attribute's sentence from a person's first biography, cut before the
-    value ("Anna Lee Park was born on" -> " May 28, 1952"). Same layout as qa_arrays, with no EOS:
-    the biography goes on after the value, so only first-token accuracy is meaningful here."""
+    """Memorisation probe: in each person's first biography, every attribute value as the model saw
+    it in pretraining, i.e. after the entry's earlier sentences ("Anna Lee Park was born on May 28,
+    1952. Anna Lee Park works for" -> " Apple"). Same layout as qa_arrays, with no EOS: the biography
+    goes on after the value, so only first-token accuracy is meaningful here."""
     if tokenizer.vocab != data.tokenizer.vocab:
         raise ValueError("bio_probe_arrays: the tokenizer differs from the one the dataset was built with")
     ids, pc = data._ids(person_ids), data.pieces
-    rows = data._bio_rows(ids).reshape(len(ids), ENTRIES_PER_PERSON, len(ATTRIBUTES), -1)[:, 0]  # (n, 6, 6)
-    rows = rows[..., :5].copy()                      # drop the tail after the value
-    rows[:, :, 0] = pc.base["first_bare"] + data.names[ids, 0:1]  # each probe starts its own text
-    attribute = data.orders[ids, 0]                  # (n, 6): the attribute of each sentence
-    return _arrays_from_pieces(pc, rows.reshape(-1, 5), 4, tokenizer, attribute.reshape(-1),
-                               np.repeat(ids, len(ATTRIBUTES)))
+    n, k = len(ids), len(ATTRIBUTES)
+    sentences = data._bio_rows(ids).reshape(n, ENTRIES_PER_PERSON, k, 6)[:, 0]  # (n, 6 sentences, 6 pieces)
+    # Probe s = sentences 0..s-1 whole, then sentence s up to and including its value. Left-fill with
+    # empty pieces so every probe has the same piece count and the value is always the last piece.
+    width = 6 * (k - 1) + 5
+    rows = np.full((n, k, width), pc.base["empty"], dtype=np.int64)
+    for s in range(k):
+        rows[:, s, width - 6 * s - 5:] = np.concatenate([sentences[:, :s].reshape(n, -1), sentences[:, s, :5]], axis=1)
+    return _arrays_from_pieces(pc, rows.reshape(n * k, width), width - 1, tokenizer,
+                               data.orders[ids, 0].reshape(-1), np.repeat(ids, k))
 
 
 def _arrays_from_pieces(pc: PieceTable, rows, n_prompt_pieces, tokenizer, attribute, person_id) -> QAArrays:

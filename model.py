@@ -234,6 +234,19 @@ class Block(nn.Module):
 # Model
 
 
+def left_pad(prompts, pad_id, device=None):
+    """Token-id lists of any lengths -> idx (B, T) and attention mask (B, T), right-aligned so that
+    every prompt's last token sits in the last column."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(B, T, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return idx, mask
+
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -270,12 +283,14 @@ class Transformer(nn.Module):
             n -= self.embed.weight.numel() + (0 if self.cfg.tie_embeddings else self.lm_head.weight.numel())
         return n
 
-    def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, return_hidden=False, cache=None):
+    def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, return_hidden=False, cache=None,
+                last_only=False):
         """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy over masked targets.
 
         attention_mask (B, S), 1 = real token, 0 = padding, covers the cached positions too (S = cache.len + T);
         padding may sit on the left, as in batched generation. return_hidden adds the residual stream:
         hidden[0] after the embedding, hidden[l] after block l (before the final norm), each (B, T, C).
+        last_only computes logits (B, 1, V) for the last position alone: all that decoding needs.
         """
         B, T = idx.shape
         start = cache.len if cache is not None else 0
@@ -306,7 +321,7 @@ class Transformer(nn.Module):
             hidden.append(x)
         if cache is not None:
             cache.len += T
-        logits = self.lm_head(self.norm_f(x))                                  # (B, T, V)
+        logits = self.lm_head(self.norm_f(x[:, -1:] if last_only else x))      # (B, T, V)
         loss = None
         if targets is not None:
             losses = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), reduction="none")
@@ -324,15 +339,11 @@ class Transformer(nn.Module):
         Prompts are left-padded so they all end at the same column. Returns one list of new tokens per
         prompt, ending with eos_id where the model produced it.
         """
-        B, T = len(prompts), max(len(p) for p in prompts)
         device = self.embed.weight.device
-        idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros(B, T, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, T - len(p):] = 1
+        idx, mask = left_pad(prompts, pad_id, device)
+        B, T = idx.shape
         cache = KVCache(self.cfg, B, T + max_new_tokens, self.embed.weight.dtype, device)
-        logits, _ = self(idx, attention_mask=mask, cache=cache)
+        logits, _ = self(idx, attention_mask=mask, cache=cache, last_only=True)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for step in range(max_new_tokens):
@@ -343,7 +354,7 @@ class Transformer(nn.Module):
             if done.all() or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=device)], dim=1)
-            logits, _ = self(nxt[:, None], attention_mask=mask, cache=cache)
+            logits, _ = self(nxt[:, None], attention_mask=mask, cache=cache, last_only=True)
         rows = torch.stack(out, dim=1).tolist()
         if eos_id is not None:
             rows = [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]

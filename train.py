@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import ModelConfig, Transformer, read_safetensors, write_safetensors
+from model import ModelConfig, Transformer, left_pad, read_safetensors, write_safetensors
 from strategies import STRATEGIES, make_strategy
 
 
@@ -75,8 +75,9 @@ class TrainConfig:
     recover_epochs: int = arg(4, "recovery-probe passes")
     checkpoint_steps: str = arg("0,10,20,50,100,150", "Task-1 steps to save (and probe); the end is always saved")
     # evaluation
-    eval_subset: int = arg(1200, "QA pairs per set for the frequent evaluations (the end of a task uses all;\n"
-                                "the memorisation probe uses up to 3x this many biography sentences)")
+    eval_subset: int = arg(600, "QA pairs per set for the frequent evaluations (the end of a task, and the"
+                                " current task under --early-stop, use all; the memorisation probe uses as"
+                                " many biography sentences)")
     dense_every: int = arg(5, "evaluate every this many steps early in a task ...")
     dense_until: int = arg(200, "... up to this step ...")
     sparse_every: int = arg(25, "... and every this many steps after")
@@ -84,13 +85,14 @@ class TrainConfig:
     runs: str = arg("runs", "directory where stages are cached")
 
 
+# Per preset, what differs from the cpu defaults above; the data sizes come from data.PRESETS.
 PRESETS = {
-    "tiny": dict(people=48, task_size=12, n_tasks=2, n_layer=2, d_model=32, n_head=2, d_ff=64, context=64,
+    "tiny": dict(n_layer=2, d_model=32, n_head=2, d_ff=64, context=64,
                  pretrain_epochs=2, pretrain_batch=8, pretrain_warmup=2, ft_batch=16, task0_epochs=1,
                  task_epochs=2, recover_epochs=1, checkpoint_steps="0,2,4", eval_subset=48, dense_every=2,
                  dense_until=6, sparse_every=4, state_every=3),
     "cpu": dict(),
-    "paper": dict(people=100_000, task_size=20_000, n_tasks=5, n_layer=12, d_model=768, n_head=12, d_ff=3072,
+    "paper": dict(n_layer=12, d_model=768, n_head=12, d_ff=3072,
                   context=512, pretrain_epochs=80, pretrain_batch=96, pretrain_lr=1e-3, pretrain_min_lr=1e-4,
                   pretrain_warmup=1000, ft_wd=0.01, task0_lr=5e-6, task0_epochs=10, task_lr=5e-6, task_epochs=25,
                   early_stop=0.0, freeze_layers=7, recover_lr=5e-6, recover_epochs=1, eval_subset=3000,
@@ -121,8 +123,7 @@ class QASet:
     """One set of QA pairs as tensors, plus the pieces needed for greedy exact match."""
     tokens: torch.Tensor      # (N, T) prompt + answer + EOS, right-padded
     loss_mask: torch.Tensor   # (N, T) True on the answer and EOS tokens
-    prompt_len: torch.Tensor  # (N,) position of the answer's first token
-    answer_first: torch.Tensor  # (N,)
+    answer_first: torch.Tensor  # (N,) the answer's first token
     attribute: torch.Tensor   # (N,) index into data.ATTRIBUTES
     prompts: list             # N token-id lists, ending at "Answer:"
     answers: list             # N token-id lists: answer + EOS
@@ -132,16 +133,15 @@ class QASet:
         t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
         prompts = [row[:p].tolist() for row, p in zip(qa.tokens, qa.prompt_len)]
         answers = [row[p:n].tolist() for row, p, n in zip(qa.tokens, qa.prompt_len, qa.length)]
-        return cls(t(qa.tokens), t(qa.loss_mask), t(qa.prompt_len), t(qa.answer_first_id), t(qa.attribute),
-                   prompts, answers)
+        return cls(t(qa.tokens), t(qa.loss_mask), t(qa.answer_first_id), t(qa.attribute), prompts, answers)
 
     def __len__(self):
         return len(self.prompts)
 
     def subset(self, idx):
         idx_t = torch.as_tensor(idx, device=self.tokens.device)
-        return QASet(self.tokens[idx_t], self.loss_mask[idx_t], self.prompt_len[idx_t], self.answer_first[idx_t],
-                     self.attribute[idx_t], [self.prompts[i] for i in idx], [self.answers[i] for i in idx])
+        return QASet(self.tokens[idx_t], self.loss_mask[idx_t], self.answer_first[idx_t], self.attribute[idx_t],
+                     [self.prompts[i] for i in idx], [self.answers[i] for i in idx])
 
 
 def qa_batches(qa: QASet, batch_size, rng):
@@ -172,10 +172,10 @@ def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=512):
     model.eval()
     per_sample = {"first_token": [], "first_token_prob": []} | ({"em": []} if exact_match else {})
     for s in range(0, len(qa), batch_size):
-        rows = slice(s, s + batch_size)
-        prompt_len, first = qa.prompt_len[rows], qa.answer_first[rows]
-        logits, _ = model(qa.tokens[rows, :int(prompt_len.max())])        # right padding: causal, harmless
-        at_answer = logits[torch.arange(len(first)), prompt_len - 1].float()  # (B, V)
+        rows, first = slice(s, s + batch_size), qa.answer_first[s:s + batch_size]
+        idx, mask = left_pad(qa.prompts[rows], tok.pad_id, first.device)   # prompts end in the last column
+        logits, _ = model(idx, attention_mask=mask, last_only=True)
+        at_answer = logits[:, -1].float()                                  # (B, V): predicts the answer's first token
         per_sample["first_token"].append((at_answer.argmax(-1) == first).float().cpu())
         per_sample["first_token_prob"].append(at_answer.softmax(-1).gather(1, first[:, None])[:, 0].cpu())
         if exact_match:
@@ -475,11 +475,12 @@ class Experiment:
         return {"bio": result}
 
     def bio_probe(self):
-        """Memorisation: first-token accuracy of each attribute value inside a biography sentence."""
+        """Memorisation: first-token accuracy of each attribute value where it stands in a biography."""
         c = self.cfg
         people = self.bio.splits["pretrain"]
-        people = people[np.random.default_rng([c.seed, 12]).permutation(len(people))[:max(1, c.eval_subset // 2)]]
+        people = people[np.random.default_rng([c.seed, 12]).permutation(len(people))[:max(1, c.eval_subset // 6)]]
         qa = QASet.from_arrays(data.bio_probe_arrays(self.bio, people, self.tok), self.device)
+        qa.prompts = [p[-c.context:] for p in qa.prompts]  # a long biography keeps its last `context` tokens
         return lambda model: evaluate(model, qa, self.tok, exact_match=False)
 
     def task(self, stage, out, prev_dir, resume):
@@ -488,7 +489,8 @@ class Experiment:
         train_qa = self.qa_set("task0_train" if k == 0 else stage)
         epochs, lr = (c.task0_epochs, c.task0_lr) if k == 0 else (c.task_epochs, c.task_lr)
         steps_per_epoch = math.ceil(len(train_qa) / c.ft_batch)
-        evals = {"task0": self.eval_fn("task0_test")} | ({"current": self.eval_fn(stage)} if k else {})
+        # Early stopping judges the whole task; the curves need only the fixed subset.
+        evals = {"task0": self.eval_fn("task0_test")} | ({"current": self.eval_fn(stage, full=c.early_stop > 0)} if k else {})
         strategy = make_strategy(c.strategy, c.freeze_layers) if k else make_strategy("seq")
         # Task 0 is evaluated once an epoch; the new tasks densely, as the forgetting happens early.
         eval_points = self.eval_points(epochs * steps_per_epoch) if k else set(range(0, epochs * steps_per_epoch + 1, steps_per_epoch))
@@ -624,7 +626,9 @@ def parse_args(argv):
     if preset not in PRESETS:
         parser.error(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
-    cfg = TrainConfig(**(PRESETS[preset] | overrides | {"preset": preset}))
+    sizes = data.PRESETS[preset]
+    base = dict(people=sizes.n_people, task_size=sizes.task_size, n_tasks=sizes.n_tasks) | PRESETS[preset]
+    cfg = TrainConfig(**(base | overrides | {"preset": preset}))
     if cfg.strategy not in STRATEGIES:
         parser.error(f"--strategy {cfg.strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if not 0 <= cfg.freeze_layers <= cfg.n_layer:

@@ -141,3 +141,13 @@ def test_malformed_checkpoint_is_a_one_line_error(tmp_path):
     with pytest.raises(train.UserError, match="cannot load checkpoint: .*model.safetensors") as err:
         run(tmp_path, "--stage", "task0")
     assert "\n" not in str(err.value)
+
+
+def test_presets_take_their_data_sizes_from_data_py():
+    for name in train.PRESETS:
+        cfg = train.parse_args(["--preset", name])[0]
+        sizes = train.data.PRESETS[name]
+        assert (cfg.people, cfg.task_size, cfg.n_tasks) == (sizes.n_people, sizes.task_size, sizes.n_tasks)
+    defaults = train.TrainConfig()  # the flags' defaults are the cpu preset
+    assert (defaults.people, defaults.task_size, defaults.n_tasks) == (500, 200, 1) == \
+        (train.data.PRESETS["cpu"].n_people, train.data.PRESETS["cpu"].task_size, train.data.PRESETS["cpu"].n_tasks)
