@@ -63,8 +63,9 @@ class DataConfig:
     task_size: int  # people in each new-task block (Tasks 1..K); never in the pretraining text
     n_tasks: int  # K, the new-people tasks after Task 0
     seed: int = 0
-    # Share of the Task-0 train people (split "recover") and of each new block ("taskk_recover")
-    # that the recovery probe fine-tunes on; it is then tested on people it did not see.
+    # Share of the Task-0 train people (split "recover") that the recovery probe fine-tunes on before it
+    # is tested on people it did not see; "taskk_recover" holds the same share of each new block, for
+    # probing a later task the same way.
     recover_fraction: float = 0.5
 
     def __post_init__(self):

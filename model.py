@@ -293,6 +293,8 @@ class Transformer(nn.Module):
         last_only computes logits (B, 1, V) for the last position alone: all that decoding needs.
         """
         B, T = idx.shape
+        if last_only and targets is not None:
+            raise ValueError("forward: last_only gives one position's logits; the loss needs them all")
         start = cache.len if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")

@@ -1,6 +1,7 @@
 """Continual-learning strategies, plugged into the training loop of train.py through four hooks.
 
-The loop calls, for every task it trains (Task 0 included):
+train.py calls them for every new task (Task 1 on; pretraining, Task 0 and the recovery probes use
+plain SEQ):
 
     strategy.before_task(model, task)        # once, before the optimizer is built
     loss = strategy.loss(model, batch, loss)  # every step: add a penalty (EWC), a replay term, ...

@@ -4,8 +4,8 @@
     python train.py --stage task1 --strategy freeze   # same, freezing the embedding + bottom layers in Task 1
 
 Stages, in order: pretrain (biographies, from scratch) -> task0 (QA of half the people; tested on the
-other half: knowledge *extraction*) -> task1..taskK (QA of new people) -> recover (the probe). Asking
-for a stage runs every missing earlier one. Each stage lives in runs/<preset>/<stage>-<hash>/, where
+other half: knowledge *extraction*) -> task1..taskK (QA of new people) -> recover (the probe, on the
+checkpoints saved during Task 1). Asking for a stage runs every missing earlier one. Each stage lives in runs/<preset>/<stage>-<hash>/, where
 the hash covers every setting that shaped it, so a change of settings makes a new directory and
 never reuses an old result. A stage is complete once its summary.json exists.
 """
@@ -16,6 +16,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts threa
 import argparse
 import contextlib
 import dataclasses
+import functools
+import glob
 import hashlib
 import json
 import math
@@ -69,7 +71,8 @@ class TrainConfig:
     # continual-learning strategy, from Task 1 on
     strategy: str = arg("seq", f"one of {', '.join(STRATEGIES)}")
     freeze_layers: int = arg(1, "freeze strategy: the embedding plus blocks 0..k-1 are frozen")
-    early_stop: float = arg(0.99, "stop a task once its exact match reaches this (0 = never), as in the paper's table")
+    early_stop: float = arg(0.99, "stop a task once its exact match reaches this (0 = never); the paper's table"
+                                  " stops at 0.99, its dense curves train to the end")
     # recovery probe: fine-tune a copy on QA of half the Task-0 training people, test on the Task-0 test people
     recover_lr: float = arg(1e-4, "recovery-probe learning rate")
     recover_epochs: int = arg(4, "recovery-probe passes")
@@ -98,6 +101,10 @@ PRESETS = {
                   early_stop=0.0, freeze_layers=7, recover_lr=5e-6, recover_epochs=1, eval_subset=3000,
                   sparse_every=1000, state_every=1000),
 }
+# Settings that must be at least 1.
+POSITIVE = ("people", "task_size", "n_tasks", "n_layer", "d_model", "n_head", "d_ff", "context", "pretrain_epochs",
+            "pretrain_batch", "ft_batch", "task0_epochs", "task_epochs", "recover_epochs", "eval_subset",
+            "dense_every", "sparse_every", "state_every")
 # Which settings shape each stage: a stage's cache key hashes these plus the key of the stage before.
 DATA_MODEL = ("seed", "people", "task_size", "n_tasks", "n_layer", "d_model", "n_head", "d_ff", "context")
 STAGE_FIELDS = {
@@ -203,6 +210,8 @@ def cl_metrics(R):
     backward transfer BWT = mean_{j<T-1} (R[T-1][j] - R[j][j])            (negative when old tasks suffer)
 
     (Chaudhry et al. 2018 for F; Lopez-Paz & Ranzato 2017 for BWT.) With one task, F = BWT = 0.
+    Here column 0 is Task-0 *extraction* (held-out people) and columns k >= 1 are accuracy on the very
+    pairs Task k trained on, as in the paper.
     """
     T = len(R)
     old = range(T - 1)
@@ -233,6 +242,17 @@ def save_checkpoint(model, tok, path, info):
     os.rename(tmp, path)
 
 
+def read_jsonl(path):
+    """The records of a JSON-lines file; a last line torn by a kill mid-write is dropped."""
+    records = []
+    for line in open(path):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
 def load_checkpoint(path, device):
     try:
         return Transformer.from_pretrained(path).to(device)
@@ -240,7 +260,7 @@ def load_checkpoint(path, device):
         raise UserError(f"cannot load checkpoint: {e}") from None
 
 
-def save_state(model, opt, out, step):
+def save_state(model, opt, out, step, stopped):
     """Everything needed to continue a stage exactly: weights, AdamW moments, step, torch RNG.
     (Batch order needs no state: each epoch's order is drawn from its own seeded generator.)"""
     state_dir = os.path.join(out, "state")
@@ -251,7 +271,8 @@ def save_state(model, opt, out, step):
         tensors |= {f"opt.{i}.{k}": v.reshape(1) if v.dim() == 0 else v for k, v in moments.items()}
     os.makedirs(os.path.join(state_dir, name), exist_ok=True)
     write_safetensors(os.path.join(state_dir, name, "state.safetensors"), {k: v.cpu().contiguous() for k, v in tensors.items()})
-    write_json(os.path.join(state_dir, name, "state.json"), {"step": step, "param_groups": opt_state["param_groups"]})
+    write_json(os.path.join(state_dir, name, "state.json"),
+               {"step": step, "stopped_early": stopped, "param_groups": opt_state["param_groups"]})
     write_json(os.path.join(state_dir, "latest.json"), {"dir": name})  # the switch-over is this one rename
     for old in os.listdir(state_dir):
         if old.startswith("step-") and old != name:
@@ -272,7 +293,7 @@ def load_state(model, opt, out):
                 moments.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
         opt.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
         torch.set_rng_state(tensors["torch_rng"])
-        return meta["step"]
+        return meta["step"], meta["stopped_early"]
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"cannot resume from {path}: {e}") from None
 
@@ -318,13 +339,13 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": phase.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
     opt = torch.optim.AdamW(groups, lr=phase.lr, betas=(0.9, 0.98), eps=1e-6, fused=on_gpu)
-    step = load_state(model, opt, out) if resume and os.path.exists(os.path.join(out, "state")) else 0
+    step, stopped = load_state(model, opt, out) if resume and os.path.exists(os.path.join(out, "state")) else (0, False)
     if step:
         print(f"  {phase.name}: resuming at step {step}")
     metrics_path = os.path.join(out, "metrics.jsonl")
-    kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= step] if step else []
+    kept = [line for line in read_jsonl(metrics_path) if line["step"] <= step] if step else []
     with open(metrics_path + ".tmp", "w") as f:  # drop records written after the state we resume from
-        f.writelines(kept)
+        f.writelines(json.dumps(line) + "\n" for line in kept)
     os.replace(metrics_path + ".tmp", metrics_path)
     metrics = open(metrics_path, "a")
 
@@ -344,7 +365,7 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
             checkpoint()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
     bar = tqdm(total=phase.total, initial=step, desc=phase.name, leave=False, dynamic_ncols=True)
-    batches, stopped = None, False
+    batches = None
     while step < phase.total and not stopped:
         epoch, i = divmod(step, phase.steps_per_epoch)
         if i == 0 or batches is None:  # each epoch's order comes from its own seeded generator: resumable
@@ -369,7 +390,7 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
         if step in phase.save_steps:
             checkpoint()
         if step % cfg.state_every == 0 or step == phase.total or stopped:
-            save_state(model, opt, out, step)
+            save_state(model, opt, out, step, stopped)
     bar.close()
     metrics.close()
     phase.strategy.after_task(model, phase.task)
@@ -383,8 +404,8 @@ def stage_names(cfg):
     return ["pretrain", "task0"] + [f"task{k}" for k in range(1, cfg.n_tasks + 1)] + ["recover"]
 
 
-def previous_stage(stage):
-    fixed = {"pretrain": None, "task0": "pretrain", "recover": "task1"}
+def previous_stage(cfg, stage):
+    fixed = {"pretrain": None, "task0": "pretrain", "recover": f"task{cfg.n_tasks}"}
     return fixed[stage] if stage in fixed else f"task{int(stage[4:]) - 1}"
 
 
@@ -393,12 +414,18 @@ def stage_dir(cfg, stage):
     chain, s = [], stage
     while s:
         chain.append(s)
-        s = previous_stage(s)
+        s = previous_stage(cfg, s)
     fields = [f for s in reversed(chain) for f in STAGE_FIELDS[s if s in ("pretrain", "task0", "recover") else "task"]]
-    settings = {f: getattr(cfg, f) for f in dict.fromkeys(fields)}
+    settings = {f: getattr(cfg, f) for f in dict.fromkeys(fields)} | {"vocabulary": vocabulary_digest()}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     label = stage if stage in ("pretrain", "task0") else f"{stage}-{make_strategy(cfg.strategy, cfg.freeze_layers).describe()}"
     return os.path.join(cfg.runs, cfg.preset, f"{label}-{digest}"), settings
+
+
+@functools.cache
+def vocabulary_digest():
+    """Edited pools give another vocabulary, and so other token ids: part of every cache key."""
+    return hashlib.sha256("\n".join(data.build_tokenizer().vocab).encode()).hexdigest()[:10]
 
 
 def environment():
@@ -439,7 +466,8 @@ class Experiment:
         if os.path.exists(os.path.join(out, "summary.json")):
             print(f"{stage}: cached in {out}")
             return out
-        prev_dir = self.run(previous_stage(stage), resume) if previous_stage(stage) else None
+        previous = previous_stage(self.cfg, stage)
+        prev_dir = self.run(previous, resume) if previous else None
         if os.path.exists(out) and not resume:
             print(f"{stage}: {out} holds an interrupted run; starting it over (--resume continues it)")
             shutil.rmtree(out)
@@ -449,8 +477,11 @@ class Experiment:
         start = time.time()
         build = {"pretrain": self.pretrain, "recover": self.recover}.get(stage, self.task)
         summary = build(stage, out, prev_dir, resume)
-        summary |= {"stage": stage, "seconds": round(time.time() - start, 1), "settings": settings, **environment()}
+        summary |= {"stage": stage, "seconds": round(time.time() - start, 1),  # of this session, if resumed
+                    "settings": settings, **environment()}
         write_json(os.path.join(out, "summary.json"), summary)
+        for state in glob.glob(os.path.join(out, "**", "state"), recursive=True):  # complete: no resume needed
+            shutil.rmtree(state)
         return out
 
     def pretrain(self, stage, out, prev_dir, resume):
@@ -461,7 +492,7 @@ class Experiment:
         model.to(self.device)
         print(f"  model: {model.num_params() / 1e6:.2f}M parameters, vocabulary {self.tok.vocab_size}")
         entries = self.bio.bio_token_ids(self.bio.splits["pretrain"])
-        n_blocks = len(data.pack_pretraining(entries, c.context, self.tok.eos_id, np.random.default_rng(0)))
+        n_blocks = sum(len(e) + 1 for e in entries) // (c.context + 1)  # what pack_pretraining makes, any order
         steps_per_epoch = math.ceil(n_blocks / c.pretrain_batch)
         probe = self.bio_probe()
         phase = Phase("pretrain", -1, c.pretrain_epochs, steps_per_epoch,
@@ -507,13 +538,18 @@ class Experiment:
         return {"steps": steps, "stopped_early": stopped, "strategy": strategy.describe(), "results": row,
                 "accuracy_row": [r["em"] for r in row.values()]}
 
-    def recover(self, stage, out, task1_dir, resume):
-        """The recovery probe: a short fine-tune on QA of *other* Task-0 people. If Task-0 test accuracy
-        comes back, the knowledge was still in the weights and only the task alignment was lost."""
+    def recover(self, stage, out, last_task_dir, resume):
+        """The recovery probe, on the checkpoints saved during Task 1: a short fine-tune on QA of *other*
+        Task-0 people. If Task-0 test accuracy comes back, the knowledge was still in the weights and
+        only the task alignment was lost."""
         c = self.cfg
+        task1_dir = stage_dir(c, "task1")[0]
         train_qa, test = self.qa_set("recover"), self.eval_fn("task0_test", full=True)
         rows = []
-        probes = sorted(os.listdir(os.path.join(task1_dir, "ckpt"))) + ["final"]
+        probes = sorted(p for p in os.listdir(os.path.join(task1_dir, "ckpt")) if not p.endswith(".tmp"))
+        final_step = json.load(open(os.path.join(task1_dir, "final", "training_state.json")))["step"]
+        if f"step-{final_step:07d}" not in probes:  # Task 1 may have ended on a saved step
+            probes.append("final")
         for name in tqdm(probes, desc="recover", leave=False):
             probe_dir, result_path = os.path.join(out, name), os.path.join(out, name, "result.json")
             if os.path.exists(result_path):  # done before an interruption
@@ -532,7 +568,7 @@ class Experiment:
             rows.append({"checkpoint": name, "task1_step": step, "task0_em_before": before["em"],
                          "task0_em_after": after["em"], "before": before, "after": after})
             write_json(result_path, rows[-1])
-        return {"task1_dir": task1_dir, "rows": rows}
+        return {"task1_run": os.path.basename(task1_dir), "rows": rows}
 
 # -----------------------------------------------------------------------------------------------
 # Report: a printed table and a plot
@@ -554,7 +590,7 @@ def related_runs(cfg, stage):
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def report(cfg):
@@ -570,22 +606,24 @@ def report(cfg):
     if len(rows) > 1:
         print(f"accuracy matrix (exact match; row i = after task i, {cfg.strategy}): {rows}")
         print("  " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in cl_metrics(rows).items()))
-    recovered = {s["settings"]["strategy"] + str(s["settings"]["freeze_layers"]): s for _, s in related_runs(cfg, "recover")}
+    recovered = {s["task1_run"]: s for _, s in related_runs(cfg, "recover")}
     print(f"\n{'task 1 run':<22}{'steps':>6}{'T0 start':>10}{'T0 min@50':>10}{'T0 end':>8}{'T1 end':>8}{'T0 recovered':>14}")
     for run_dir, s in related_runs(cfg, "task1"):
         curve = read_metrics(run_dir)
         early = [r["task0"]["em"] for r in curve if r["step"] <= 50]
-        rec = recovered.get(s["settings"]["strategy"] + str(s["settings"]["freeze_layers"]))
+        rec = recovered.get(os.path.basename(run_dir))
         rec_end = f"{rec['rows'][-1]['task0_em_after']:.3f}" if rec else "-"
         print(f"{s['strategy'] + (' (early stop)' if s['stopped_early'] else ''):<22}{s['steps']:>6}"
               f"{curve[0]['task0']['em']:>10.3f}{min(early):>10.3f}{s['results']['task0']['em']:>8.3f}"
               f"{s['results']['task1']['em']:>8.3f}{rec_end:>14}")
+    root = os.path.join(cfg.runs, cfg.preset)
     for rec in recovered.values():
-        print(f"\nrecovery probe, {rec['task1_dir']}")
+        task1_dir = os.path.join(root, rec["task1_run"])
+        print(f"\nrecovery probe of {task1_dir}")
         print(f"{'task-1 step':>12}{'T0 EM before':>14}{'after':>8}")
         for row in rec["rows"]:
             print(f"{row['task1_step']:>12}{row['task0_em_before']:>14.3f}{row['task0_em_after']:>8.3f}")
-        plot_run(rec["task1_dir"], rec["rows"], os.path.join(os.path.dirname(rec["task1_dir"]), f"{os.path.basename(rec['task1_dir'])}.png"))
+        plot_run(task1_dir, rec["rows"], task1_dir + ".png")
 
 
 def plot_run(task1_dir, recovery_rows, path):
@@ -633,6 +671,21 @@ def parse_args(argv):
         parser.error(f"--strategy {cfg.strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if not 0 <= cfg.freeze_layers <= cfg.n_layer:
         parser.error(f"--freeze-layers {cfg.freeze_layers}: expected 0..{cfg.n_layer} (the model has {cfg.n_layer} blocks)")
+    for name in POSITIVE:
+        if getattr(cfg, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive number")
+    try:
+        steps = sorted({int(s) for s in cfg.checkpoint_steps.split(",")})
+        assert steps[0] >= 0
+    except (ValueError, AssertionError):
+        parser.error(f"--checkpoint-steps {cfg.checkpoint_steps!r}: expected step numbers like 0,10,20")
+    try:
+        data.DataConfig(n_people=cfg.people, task_size=cfg.task_size, n_tasks=cfg.n_tasks, seed=cfg.seed)
+    except ValueError as e:
+        parser.error(str(e))
+    if cfg.strategy != "freeze":  # the layer count means nothing to the others: keep it out of their cache key
+        cfg.freeze_layers = 0
+    cfg.checkpoint_steps = ",".join(map(str, steps))
     if args.stage not in stage_names(cfg):
         parser.error(f"--stage {args.stage!r}: expected one of {', '.join(stage_names(cfg))}")
     return cfg, args.stage, args.resume
@@ -642,7 +695,6 @@ def main(argv=None):
     cfg, stage, resume = parse_args(argv)
     if resume and not os.path.exists(stage_dir(cfg, "pretrain")[0]):
         raise UserError(f"--resume: nothing to resume under {os.path.join(cfg.runs, cfg.preset)} for these settings")
-    torch.manual_seed(cfg.seed)
     exp = Experiment(cfg)
     out = exp.run(stage, resume)
     report(cfg)

@@ -144,6 +144,16 @@ def test_generation_stops_at_eos():
     assert model.generate([[3, 4, 5]], max_new_tokens=5, eos_id=eos_id)[0] == first[:first.index(eos_id) + 1]
 
 
+def test_last_only_logits():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 10))
+    full, _ = model(idx)
+    last, _ = model(idx, last_only=True)
+    assert last.shape == (2, 1, 50) and torch.allclose(last[:, 0], full[:, -1], atol=1e-4)
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, targets=idx, last_only=True)
+
+
 def test_hidden_states_and_masked_loss():
     model = tiny_model()
     idx = torch.randint(0, 50, (2, 10))

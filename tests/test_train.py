@@ -40,15 +40,16 @@ def in_unit_range(x):
 def test_all_stages_write_their_outputs(runs):
     runs_dir, recover_dir, _ = runs
     stages = sorted(os.path.basename(d).split("-")[0] for d in glob.glob(f"{runs_dir}/tiny/*-*") if os.path.isdir(d))
-    assert stages == ["pretrain", "recover", "task0", "task1", "task1"]
+    assert stages == ["pretrain", "recover", "task0", "task1", "task1", "task2"]  # recover comes after the last task
     for d in glob.glob(f"{runs_dir}/tiny/*/"):
         summary = json.load(open(os.path.join(d, "summary.json")))
         assert summary["settings"]["seed"] == 0 and summary["versions"]["torch"] == torch.__version__
     recovery = json.load(open(os.path.join(recover_dir, "summary.json")))
     assert [r["task1_step"] for r in recovery["rows"]][:3] == [0, 2, 4]
     assert all(in_unit_range(r["before"]) and in_unit_range(r["after"]) for r in recovery["rows"])
-    task1_dir = recovery["task1_dir"]
+    task1_dir = os.path.join(runs_dir, "tiny", recovery["task1_run"])
     assert os.path.exists(task1_dir + ".png")
+    assert not glob.glob(f"{runs_dir}/tiny/*/state") and not glob.glob(f"{runs_dir}/tiny/*/*/state")  # complete
     records = [json.loads(line) for line in open(os.path.join(task1_dir, "metrics.jsonl"))]
     assert records[0]["step"] == 0 and {"task0", "current"} <= records[0].keys()
     for r in records:
@@ -121,6 +122,10 @@ def test_cl_metrics_on_a_hand_computed_matrix():
     (["--freeze-layers", "3"], "--freeze-layers 3: expected 0..2"),
     (["--freeze-layers", "-1"], "--freeze-layers -1"),
     (["--pretrain-lr", "fast"], "--pretrain-lr"),
+    (["--state-every", "0"], "--state-every 0: expected a positive number"),
+    (["--n-tasks", "0"], "--n-tasks 0"),
+    (["--checkpoint-steps", "0,10,"], "--checkpoint-steps '0,10,'"),
+    (["--people", "1"], "n_people"),
 ])
 def test_bad_flags_give_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -151,3 +156,11 @@ def test_presets_take_their_data_sizes_from_data_py():
     defaults = train.TrainConfig()  # the flags' defaults are the cpu preset
     assert (defaults.people, defaults.task_size, defaults.n_tasks) == (500, 200, 1) == \
         (train.data.PRESETS["cpu"].n_people, train.data.PRESETS["cpu"].task_size, train.data.PRESETS["cpu"].n_tasks)
+
+
+def test_seq_runs_ignore_the_freeze_layer_count():
+    a = train.parse_args(["--preset", "tiny", "--freeze-layers", "1"])[0]
+    b = train.parse_args(["--preset", "tiny", "--freeze-layers", "2"])[0]
+    assert train.stage_dir(a, "task1") == train.stage_dir(b, "task1")
+    c = train.parse_args(["--preset", "tiny", "--strategy", "freeze", "--freeze-layers", "1"])[0]
+    assert train.stage_dir(a, "task1")[0] != train.stage_dir(c, "task1")[0]
