@@ -66,7 +66,7 @@ class TrainConfig:
     ft_wd: float = arg(0.01, "fine-tuning weight decay")
     task0_lr: float = arg(1e-4, "Task-0 learning rate (constant)")
     task0_epochs: int = arg(4, "passes over the Task-0 QA pairs")
-    task_lr: float = arg(3e-4, "learning rate of Tasks 1..K (constant)")
+    task_lr: float = arg(1e-3, "learning rate of Tasks 1..K (constant)")
     task_epochs: int = arg(30, "passes over each new task's QA pairs (unless --early-stop ends it sooner)")
     # continual-learning strategy, from Task 1 on
     strategy: str = arg("seq", f"one of {', '.join(STRATEGIES)}")
