@@ -324,6 +324,10 @@ class Phase:
         return self.epochs * self.steps_per_epoch
 
 
+def every_epoch(epochs, steps_per_epoch):
+    return set(range(0, epochs * steps_per_epoch + 1, steps_per_epoch))
+
+
 def lr_at(step, phase):
     if step < phase.warmup:
         return phase.lr * (step + 1) / phase.warmup
@@ -494,14 +498,13 @@ class Experiment:
         entries = self.bio.bio_token_ids(self.bio.splits["pretrain"])
         n_blocks = sum(len(e) + 1 for e in entries) // (c.context + 1)  # what pack_pretraining makes, any order
         steps_per_epoch = math.ceil(n_blocks / c.pretrain_batch)
-        probe = self.bio_probe()
         phase = Phase("pretrain", -1, c.pretrain_epochs, steps_per_epoch,
                       lambda rng: pretrain_batches(entries, c, self.tok, rng, self.device), c.pretrain_lr,
-                      c.pretrain_min_lr, c.pretrain_warmup, c.pretrain_wd, make_strategy("seq"), evals={"bio": probe})
-        phase.eval_points = set(range(0, phase.total + 1, steps_per_epoch))  # once an epoch
+                      c.pretrain_min_lr, c.pretrain_warmup, c.pretrain_wd, make_strategy("seq"),
+                      evals={"bio": self.bio_probe()}, eval_points=every_epoch(c.pretrain_epochs, steps_per_epoch))
         train_loop(model, phase, out, c, self.tok, resume)
         save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": "pretrain", "step": phase.total})
-        result = probe(model)
+        result = read_metrics(out)[-1]["bio"]  # the probe the loop ran at its last step
         print(f"  pretraining done: biography attribute first-token accuracy {result['first_token']:.3f}")
         return {"bio": result}
 
@@ -524,7 +527,7 @@ class Experiment:
         evals = {"task0": self.eval_fn("task0_test")} | ({"current": self.eval_fn(stage, full=c.early_stop > 0)} if k else {})
         strategy = make_strategy(c.strategy, c.freeze_layers) if k else make_strategy("seq")
         # Task 0 is evaluated once an epoch; the new tasks densely, as the forgetting happens early.
-        eval_points = self.eval_points(epochs * steps_per_epoch) if k else set(range(0, epochs * steps_per_epoch + 1, steps_per_epoch))
+        eval_points = self.eval_points(epochs * steps_per_epoch) if k else every_epoch(epochs, steps_per_epoch)
         phase = Phase(stage, k, epochs, steps_per_epoch, lambda rng: qa_batches(train_qa, c.ft_batch, rng), lr, lr,
                       0, c.ft_wd, strategy, evals, eval_points, early_stop=c.early_stop if k else 0.0,
                       save_steps={int(s) for s in c.checkpoint_steps.split(",")} if k == 1 else set())
@@ -601,8 +604,8 @@ def report(cfg):
     if not os.path.exists(task0):
         return
     print(f"task 0: held-out (extraction) exact match {json.load(open(task0))['results']['task0']['em']:.3f}")
-    rows = [json.load(open(os.path.join(stage_dir(cfg, f"task{k}")[0], "summary.json")))["accuracy_row"]
-            for k in range(cfg.n_tasks + 1) if os.path.exists(os.path.join(stage_dir(cfg, f"task{k}")[0], "summary.json"))]
+    summaries = [os.path.join(stage_dir(cfg, f"task{k}")[0], "summary.json") for k in range(cfg.n_tasks + 1)]
+    rows = [json.load(open(path))["accuracy_row"] for path in summaries if os.path.exists(path)]
     if len(rows) > 1:
         print(f"accuracy matrix (exact match; row i = after task i, {cfg.strategy}): {rows}")
         print("  " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in cl_metrics(rows).items()))

@@ -292,10 +292,14 @@ def test_unsupported_config(checkpoint, field, value, message):
         Transformer.from_pretrained(checkpoint)
 
 
+def saved_tensors(model, path):
+    """Save model as a checkpoint in path and read its tensors back, ready to be tampered with."""
+    model.save_pretrained(path)
+    return read_safetensors(path / "model.safetensors")
+
+
 def test_unknown_missing_and_misshapen_tensors(tmp_path):
-    model = tiny_model()
-    model.save_pretrained(tmp_path)
-    good = read_safetensors(tmp_path / "model.safetensors")
+    good = saved_tensors(tiny_model(), tmp_path)
     for tensors, message in [
         (good | {"gpt_neox.layers.0.attention.extra.weight": torch.zeros(2)}, "unexpected tensors"),
         ({k: v for k, v in good.items() if k != "embed_out.weight"}, "missing tensor 'embed_out.weight'"),
@@ -307,9 +311,7 @@ def test_unknown_missing_and_misshapen_tensors(tmp_path):
 
 
 def test_known_buffers_are_skipped(tmp_path):
-    model = tiny_model()
-    model.save_pretrained(tmp_path)
-    tensors = read_safetensors(tmp_path / "model.safetensors")
+    tensors = saved_tensors(tiny_model(), tmp_path)
     tensors["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(2)
     tensors["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 4, 4, dtype=torch.bool)
     write_safetensors(tmp_path / "model.safetensors", tensors)
@@ -318,8 +320,7 @@ def test_known_buffers_are_skipped(tmp_path):
 
 def test_gpt2_without_prefix(tmp_path):
     model = tiny_model("gpt2", tie_embeddings=True)
-    model.save_pretrained(tmp_path)
-    tensors = read_safetensors(tmp_path / "model.safetensors")
+    tensors = saved_tensors(model, tmp_path)
     write_safetensors(tmp_path / "model.safetensors", {k.removeprefix("transformer."): v for k, v in tensors.items()})
     loaded = Transformer.from_pretrained(tmp_path)
     assert torch.equal(loaded.embed.weight, model.embed.weight) and loaded.lm_head.weight is loaded.embed.weight
