@@ -63,28 +63,38 @@ class DataConfig:
     task_size: int  # people in each new-task block (Tasks 1..K); never in the pretraining text
     n_tasks: int  # K, the new-people tasks after Task 0
     seed: int = 0
-    # Share of the Task-0 train people (split "recover") that the recovery probe fine-tunes on before it
-    # is tested on people it did not see; "taskk_recover" holds the same share of each new block, for
-    # probing a later task the same way.
-    recover_fraction: float = 0.5
+    # How many first, middle and last names the population draws from (the first n of each pool file).
+    # At the paper's scale (100K people, BPE) every name piece is shared by ~100-250 people; a small
+    # population drawing from the full 400/400/1000 pools would give most people a last name (and so,
+    # with a word-level tokenizer, a token) of their own, and most new-task people a name token that
+    # pretraining never showed. Small presets therefore use small pools, scaled to their population.
+    name_pools: tuple[int, int, int] = (400, 400, 1000)
 
     def __post_init__(self):
         for field, low in (("n_people", 2), ("task_size", 1), ("n_tasks", 0), ("seed", 0)):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"DataConfig.{field} must be an integer >= {low}, got {value!r}")
-        if not 0 < self.recover_fraction <= 1:
-            raise ValueError(f"DataConfig.recover_fraction must be in (0, 1], got {self.recover_fraction!r}")
+        limits = (POOL_SIZES["first_names"], POOL_SIZES["middle_names"], POOL_SIZES["last_names"])
+        if (not isinstance(self.name_pools, tuple) or len(self.name_pools) != 3
+                or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= top
+                           for n, top in zip(self.name_pools, limits))):
+            raise ValueError(f"DataConfig.name_pools must be 3 integers (first, middle, last names) within "
+                             f"1..{limits}, got {self.name_pools!r}")
+        if self.n_total > math.prod(self.name_pools):
+            raise ValueError(f"DataConfig: {self.n_total:,} people but name_pools {self.name_pools} allow only "
+                             f"{math.prod(self.name_pools):,} unique (first, middle, last) name triples")
 
     @property
     def n_total(self) -> int:
         return self.n_people + self.n_tasks * self.task_size
 
 
+# Each small preset's name pools give every name to at least ~20 people of its whole population.
 PRESETS = {
-    "tiny": DataConfig(n_people=48, task_size=12, n_tasks=2),  # tests and CI
-    "cpu": DataConfig(n_people=500, task_size=200, n_tasks=1),  # a laptop run (train.py's default)
-    "paper": DataConfig(n_people=100_000, task_size=20_000, n_tasks=5),  # the paper's scale
+    "tiny": DataConfig(n_people=50, task_size=25, n_tasks=2, name_pools=(5, 5, 5)),  # tests and CI
+    "cpu": DataConfig(n_people=500, task_size=200, n_tasks=1, name_pools=(25, 25, 35)),  # train.py's default
+    "paper": DataConfig(n_people=100_000, task_size=20_000, n_tasks=5),  # the paper's scale and pools
 }
 
 
@@ -418,18 +428,62 @@ class BioData:
         return pairs
 
 
+def _draw_names(rng: np.random.Generator, n: int, pool_sizes: tuple[int, int, int]) -> np.ndarray:
+    """(n, 3) first/middle/last name indices, every triple different, every name of a pool used by
+    the same number of people (+-1): each column is a shuffled round-robin over its pool. A repeated
+    triple is then broken up by swapping one name with a random other person, accepted only if both
+    new triples are unused; a swap keeps every name's count."""
+    names = np.stack([rng.permutation(np.arange(n) % size) for size in pool_sizes], axis=1)
+    key = lambda row: (row[0] * pool_sizes[1] + row[1]) * pool_sizes[2] + row[2]  # noqa: E731
+    owners, repeats = {}, []  # triple -> the one person who holds it; people whose triple was taken
+    for person, row in enumerate(names):
+        if key(row) in owners:
+            repeats.append(person)
+        else:
+            owners[key(row)] = person
+    for person in repeats:
+        if owners.get(key(names[person])) == person:  # a repeat that an earlier swap already gave a name
+            continue
+        for _ in range(100_000):
+            other, column = int(rng.integers(n)), int(rng.integers(3))
+            mine, theirs = names[person].copy(), names[other].copy()
+            mine[column], theirs[column] = theirs[column], mine[column]
+            if key(mine) not in owners and key(theirs) not in owners:
+                if owners.get(key(names[other])) == other:
+                    del owners[key(names[other])]
+                names[person], names[other] = mine, theirs
+                owners[key(mine)], owners[key(theirs)] = person, other
+                break
+        else:
+            raise ValueError(f"could not give {n:,} people distinct names from pools of {pool_sizes}: "
+                             f"use larger name pools")
+    return names
+
+
+def name_sharing(data: "BioData") -> dict:
+    """How widely names are shared, the property the name pools are scaled for: per name kind, the
+    fewest and most people (of the whole population) using one name; the share of pretraining people
+    whose name of that kind nobody else in pretraining has; and the share of each new task's people
+    with a name of that kind never seen in the pretraining biographies."""
+    out = {}
+    for column, kind in enumerate(("first", "middle", "last")):
+        used = data.names[:, column]
+        counts = np.bincount(used)
+        in_pretrain = np.bincount(used[data.splits["pretrain"]], minlength=len(counts))
+        stats = {"min_people": int(counts[counts > 0].min()), "max_people": int(counts.max()),
+                 "pretrain_unique": float((in_pretrain[used[data.splits["pretrain"]]] == 1).mean())}
+        for k in range(1, data.config.n_tasks + 1):
+            stats[f"task{k}_unseen"] = float((in_pretrain[used[data.splits[f"task{k}"]]] == 0).mean())
+        out[kind] = stats
+    return out
+
+
 def build_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, pools: Pools | None = None) -> BioData:
     """Draw the people (seeded), their templates and sentence orders, and the splits."""
     pools = pools or load_pools()
     tokenizer = tokenizer or build_tokenizer(pools)
     n, rng = cfg.n_total, np.random.default_rng(cfg.seed)
-    n_middle, n_last = len(pools.middle_names), len(pools.last_names)
-    n_triples = len(pools.first_names) * n_middle * n_last
-    if n > n_triples:
-        raise ValueError(f"{n:,} people requested but the name pools allow only {n_triples:,} unique "
-                         f"(first, middle, last) name triples")
-    first, rest = np.divmod(rng.choice(n_triples, size=n, replace=False), n_middle * n_last)
-    names = np.stack([first, *np.divmod(rest, n_last)], axis=1)
+    names = _draw_names(rng, n, cfg.name_pools)
     values = np.stack([rng.integers(len(pools.values[a]), size=n) for a in ATTRIBUTES[:-1]], axis=1)
     values = np.concatenate([values, values[:, -1:]], axis=1)  # company city is a function of the company
     # Per person and attribute, 5 different templates of 50; per person, 5 different sentence orders.
@@ -444,12 +498,9 @@ def build_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, pools: Po
 
     half = cfg.n_people // 2
     splits = {"pretrain": np.arange(cfg.n_people), "task0_train": np.arange(half),
-              "task0_test": np.arange(half, cfg.n_people),
-              "recover": np.arange(math.ceil(cfg.recover_fraction * half))}
+              "task0_test": np.arange(half, cfg.n_people)}
     for k in range(1, cfg.n_tasks + 1):
-        block = np.arange(cfg.n_people + (k - 1) * cfg.task_size, cfg.n_people + k * cfg.task_size)
-        splits[f"task{k}"] = block
-        splits[f"task{k}_recover"] = block[:math.ceil(cfg.recover_fraction * cfg.task_size)]
+        splits[f"task{k}"] = np.arange(cfg.n_people + (k - 1) * cfg.task_size, cfg.n_people + k * cfg.task_size)
     return BioData(cfg, people, splits, tokenizer, pools, names, values, templates, orders,
                    PieceTable(pools, tokenizer))
 
@@ -630,6 +681,13 @@ def main(argv=None) -> int:
         data = build_dataset(cfg, pools=load_pools(args.pools))
         print(f"preset {args.preset}: {cfg}")
         print("split sizes: " + ", ".join(f"{name} {len(ids):,}" for name, ids in data.splits.items()))
+        print(f"name sharing (pools of {cfg.name_pools[0]} first, {cfg.name_pools[1]} middle, "
+              f"{cfg.name_pools[2]} last names):")
+        for kind, stats in name_sharing(data).items():
+            unseen = ", ".join(f"{k[:-7]} {v:.0%}" for k, v in stats.items() if k.endswith("_unseen"))
+            print(f"  {kind:6s} names: {stats['min_people']:,}-{stats['max_people']:,} people each; "
+                  f"unique to one pretraining person: {stats['pretrain_unique']:.0%}; "
+                  f"new-task people with one never pretrained: {unseen or '-'}")
         _show(data, args.show)
         if args.out:
             write_dataset(data, args.out)

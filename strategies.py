@@ -36,22 +36,30 @@ class Seq:
 
 
 class Freeze(Seq):
-    """From Task 1 on, freeze the input embedding and the bottom `n_layers` blocks.
+    """From Task 1 on, freeze the input embedding and `n_layers` bottom blocks.
 
     The paper finds the bottom layers carry most of the feature shift that undoes the old task's
-    alignment, so holding them fixed keeps more of Task 0. Layers are picked by exact index
-    (model.blocks[:n]), not by name matching: the authors' 'layers.1' also caught layers 10-19.
+    alignment, so holding them fixed keeps more of Task 0. By default blocks are picked by exact index
+    (model.blocks[:n]). `by="substring"` reproduces the set the authors' code actually froze: it
+    matched parameter names against 'layers.0' .. 'layers.{n-1}' by substring, and 'layers.1' also
+    matches 'layers.10'..'layers.19', so with 12 blocks their "bottom 7" froze blocks 0-6, 10 and 11.
     """
     name = "freeze"
 
-    def __init__(self, n_layers):
-        self.n_layers = n_layers
+    def __init__(self, n_layers, by="index"):
+        self.n_layers, self.by = n_layers, by
+
+    def frozen_blocks(self, n_blocks):
+        if self.by == "index":
+            return list(range(min(self.n_layers, n_blocks)))
+        patterns = [f"layers.{i}" for i in range(self.n_layers)]
+        return [j for j in range(n_blocks) if any(p in f"layers.{j}." for p in patterns)]
 
     def before_task(self, model, task):
         super().before_task(model, task)
         if task == 0:
             return
-        frozen = [model.embed, *model.blocks[:self.n_layers]]
+        frozen = [model.embed] + [model.blocks[j] for j in self.frozen_blocks(len(model.blocks))]
         if hasattr(model, "pos_embed"):  # learned positions are part of the input embedding
             frozen.append(model.pos_embed)
         for module in frozen:
@@ -59,13 +67,14 @@ class Freeze(Seq):
                 p.requires_grad_(False)
 
     def describe(self):
-        return f"freeze{self.n_layers}"
+        return f"freeze{self.n_layers}" + ("" if self.by == "index" else f"-{self.by}")
 
 
 STRATEGIES = {"seq": Seq, "freeze": Freeze}
+FREEZE_BY = ("index", "substring")
 
 
-def make_strategy(name, freeze_layers=0):
+def make_strategy(name, freeze_layers=0, freeze_by="index"):
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}")
-    return Freeze(freeze_layers) if name == "freeze" else STRATEGIES[name]()
+    return Freeze(freeze_layers, freeze_by) if name == "freeze" else STRATEGIES[name]()

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import data
 from model import ModelConfig, Transformer, left_pad, read_safetensors, write_safetensors
-from strategies import STRATEGIES, make_strategy
+from strategies import FREEZE_BY, STRATEGIES, make_strategy
 
 
 def arg(default, help):
@@ -48,6 +48,8 @@ class TrainConfig:
     people: int = arg(500, "pretraining population P; Task 0 trains on the first half, tests on the second")
     task_size: int = arg(200, "new people in each of Tasks 1..K")
     n_tasks: int = arg(1, "K, the number of new-people tasks after Task 0")
+    name_pools: str = arg("25,25,35", "how many first,middle,last names the population draws from (scaled so"
+                                      " that every name is shared by ~20+ people; the paper: 400,400,1000)")
     # model: GPT-NeoX shape (rotary on a quarter of each head, parallel residual, untied embeddings)
     n_layer: int = arg(4, "transformer blocks")
     d_model: int = arg(128, "residual stream width")
@@ -64,57 +66,67 @@ class TrainConfig:
     # fine-tuning on QA (loss on the answer and EOS only)
     ft_batch: int = arg(48, "QA pairs per fine-tuning step")
     ft_wd: float = arg(0.01, "fine-tuning weight decay")
-    task0_lr: float = arg(1e-4, "Task-0 learning rate (constant)")
-    task0_epochs: int = arg(4, "passes over the Task-0 QA pairs")
-    task_lr: float = arg(1e-3, "learning rate of Tasks 1..K (constant)")
-    task_epochs: int = arg(30, "passes over each new task's QA pairs (unless --early-stop ends it sooner)")
+    ft_lr: float = arg(1e-4, "learning rate of every fine-tuning stage: Task 0, Tasks 1..K and the recovery"
+                             " probe (constant; the paper uses one lr, 5e-6, for all of them)")
+    task0_epochs: int = arg(7, "passes over the Task-0 QA pairs (the paper: 10; ours peaks at 7, then overfits)")
+    task_epochs: int = arg(60, "passes over each new task's QA pairs, unless --early-stop ends it sooner"
+                               " (the paper: 25, and 50 for its freeze runs)")
     # continual-learning strategy, from Task 1 on
     strategy: str = arg("seq", f"one of {', '.join(STRATEGIES)}")
-    freeze_layers: int = arg(1, "freeze strategy: the embedding plus blocks 0..k-1 are frozen")
+    freeze_layers: int = arg(1, "freeze strategy: the embedding plus k bottom blocks are frozen")
+    freeze_by: str = arg("index", "freeze strategy: 'index' freezes blocks 0..k-1; 'substring' the authors'"
+                                  " effective set, block j frozen if the name 'layers.j' contains 'layers.i'"
+                                  " for some i < k (their 'bottom 7' of 12 also froze blocks 10 and 11)")
     early_stop: float = arg(0.99, "stop a task once its exact match reaches this (0 = never); the paper's table"
                                   " stops at 0.99, its dense curves train to the end")
-    # recovery probe: fine-tune a copy on QA of half the Task-0 training people, test on the Task-0 test people
-    recover_lr: float = arg(1e-4, "recovery-probe learning rate")
-    recover_epochs: int = arg(4, "recovery-probe passes")
-    checkpoint_steps: str = arg("0,10,20,50,100,150", "Task-1 steps to save (and probe); the end is always saved")
+    # recovery probe: fine-tune a copy on the QA of all Task-0 training people, test on the Task-0 test people
+    recover_fraction: float = arg(0.1, "recovery-probe length as a share of the Task-1 run's steps (the paper:"
+                                       " 1 epoch of Task-0 QA, 6,250 steps, against Task 1's 62,500)")
+    checkpoint_steps: str = arg("0,5,10,20,50,100,150,200", "Task-1 steps to save and probe (the end is always"
+                                " saved); the paper probed every 5 steps to 200: --checkpoint-steps"
+                                " $(seq -s, 0 5 200)")
     # evaluation
     eval_subset: int = arg(600, "QA pairs per set for the frequent evaluations (the end of a task, and the"
                                 " current task under --early-stop, use all; the memorisation probe uses as"
                                 " many biography sentences)")
-    dense_every: int = arg(5, "evaluate every this many steps early in a task ...")
+    dense_every: int = arg(5, "evaluate Task 0 every this many steps early in a new task ...")
     dense_until: int = arg(200, "... up to this step ...")
-    sparse_every: int = arg(25, "... and every this many steps after")
+    sparse_every: int = arg(25, "... and every this many steps after; the new task itself (all its pairs, for"
+                                " early stopping) at these steps throughout")
     state_every: int = arg(50, "save a resumable training state every this many steps")
     runs: str = arg("runs", "directory where stages are cached")
 
 
-# Per preset, what differs from the cpu defaults above; the data sizes come from data.PRESETS.
+# Per preset, what differs from the cpu defaults above. The data sizes come from data.PRESETS under
+# the preset's own name, or under the name given as `data`.
 PRESETS = {
     "tiny": dict(n_layer=2, d_model=32, n_head=2, d_ff=64, context=64,
                  pretrain_epochs=2, pretrain_batch=8, pretrain_warmup=2, ft_batch=16, task0_epochs=1,
-                 task_epochs=2, recover_epochs=1, checkpoint_steps="0,2,4", eval_subset=48, dense_every=2,
+                 task_epochs=2, recover_fraction=0.5, checkpoint_steps="0,2,4", eval_subset=48, dense_every=2,
                  dense_until=6, sparse_every=4, state_every=3),
     "cpu": dict(),
+    # The cpu data on a thin model twice as deep, for the freeze sweep over k = 0..8 (paper Fig. 7a).
+    "deep": dict(data="cpu", n_layer=8, d_model=64, n_head=4, d_ff=256, dense_until=0),
     "paper": dict(n_layer=12, d_model=768, n_head=12, d_ff=3072,
                   context=512, pretrain_epochs=80, pretrain_batch=96, pretrain_lr=1e-3, pretrain_min_lr=1e-4,
-                  pretrain_warmup=1000, ft_wd=0.01, task0_lr=5e-6, task0_epochs=10, task_lr=5e-6, task_epochs=25,
-                  early_stop=0.0, freeze_layers=7, recover_lr=5e-6, recover_epochs=1, eval_subset=3000,
-                  sparse_every=1000, state_every=1000),
+                  pretrain_warmup=1000, ft_wd=0.01, ft_lr=5e-6, task0_epochs=10, task_epochs=25,
+                  early_stop=0.0, freeze_layers=7, eval_subset=3000, sparse_every=1000, state_every=1000),
 }
 # Settings that must be at least 1.
 POSITIVE = ("people", "task_size", "n_tasks", "n_layer", "d_model", "n_head", "d_ff", "context", "pretrain_epochs",
-            "pretrain_batch", "ft_batch", "task0_epochs", "task_epochs", "recover_epochs", "eval_subset",
+            "pretrain_batch", "ft_batch", "ft_lr", "task0_epochs", "task_epochs", "recover_fraction", "eval_subset",
             "dense_every", "sparse_every", "state_every")
 # Which settings shape each stage: a stage's cache key hashes these plus the key of the stage before.
-DATA_MODEL = ("seed", "people", "task_size", "n_tasks", "n_layer", "d_model", "n_head", "d_ff", "context")
+DATA_MODEL = ("seed", "people", "task_size", "n_tasks", "name_pools", "n_layer", "d_model", "n_head", "d_ff", "context")
 STAGE_FIELDS = {
     "pretrain": DATA_MODEL + ("pretrain_epochs", "pretrain_batch", "pretrain_lr", "pretrain_min_lr",
                               "pretrain_warmup", "pretrain_wd", "eval_subset"),
-    "task0": ("ft_batch", "ft_wd", "task0_lr", "task0_epochs"),
-    "task": ("task_lr", "task_epochs", "strategy", "freeze_layers", "early_stop", "checkpoint_steps",
+    "task0": ("ft_batch", "ft_wd", "ft_lr", "task0_epochs"),
+    "task": ("task_epochs", "strategy", "freeze_layers", "freeze_by", "early_stop", "checkpoint_steps",
              "dense_every", "dense_until", "sparse_every"),
-    "recover": ("recover_lr", "recover_epochs"),
+    "recover": ("recover_fraction",),
 }
+FREEZE_ONLY = ("freeze_layers", "freeze_by")  # settings that mean nothing to other strategies
 
 
 class UserError(Exception):
@@ -224,11 +236,20 @@ def cl_metrics(R):
 # Files: every write is atomic (temporary name, then rename), so an interrupted run loses nothing.
 
 
-def write_json(path, obj):
+def write_text(path, text):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def save_checkpoint(model, tok, path, info):
@@ -245,11 +266,12 @@ def save_checkpoint(model, tok, path, info):
 def read_jsonl(path):
     """The records of a JSON-lines file; a last line torn by a kill mid-write is dropped."""
     records = []
-    for line in open(path):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
     return records
 
 
@@ -282,8 +304,8 @@ def save_state(model, opt, out, step, stopped):
 def load_state(model, opt, out):
     path = os.path.join(out, "state")
     try:
-        path = os.path.join(path, json.load(open(os.path.join(path, "latest.json")))["dir"])
-        meta = json.load(open(os.path.join(path, "state.json")))
+        path = os.path.join(path, read_json(os.path.join(path, "latest.json"))["dir"])
+        meta = read_json(os.path.join(path, "state.json"))
         tensors = read_safetensors(os.path.join(path, "state.safetensors"))
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         moments = {}
@@ -306,7 +328,7 @@ class Phase:
     """How one stage trains: its data, schedule, strategy hooks, evaluations and checkpoints."""
     name: str
     task: int                # passed to the strategy hooks (-1 = pretraining)
-    epochs: int
+    total: int               # training steps
     steps_per_epoch: int
     make_epoch: object       # rng -> iterator of (inputs, targets, loss_mask) batches
     lr: float
@@ -314,14 +336,10 @@ class Phase:
     warmup: int
     weight_decay: float
     strategy: object
-    evals: dict = field(default_factory=dict)  # name -> (model -> metrics); 'current' drives early stop
-    eval_points: set = field(default_factory=set)
+    # name -> (model -> metrics, the steps to run it at); 'current' drives early stopping. All run at the end.
+    evals: dict = field(default_factory=dict)
     early_stop: float = 0.0
     save_steps: set = field(default_factory=set)
-
-    @property
-    def total(self):
-        return self.epochs * self.steps_per_epoch
 
 
 def every_epoch(epochs, steps_per_epoch):
@@ -354,7 +372,8 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
     metrics = open(metrics_path, "a")
 
     def log(extra):
-        record = {"stage": phase.name, "step": step, **extra} | {name: fn(model) for name, fn in phase.evals.items()}
+        record = {"stage": phase.name, "step": step, **extra} | {
+            name: fn(model) for name, (fn, points) in phase.evals.items() if step in points or step == phase.total}
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         return record
@@ -362,8 +381,9 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
     def checkpoint():
         save_checkpoint(model, tok, os.path.join(out, "ckpt", f"step-{step:07d}"), {"step": step, "task": phase.task})
 
+    eval_points = set().union(*(points for _, points in phase.evals.values()))
     if step == 0:
-        if 0 in phase.eval_points:
+        if 0 in eval_points:
             log({})
         if 0 in phase.save_steps:
             checkpoint()
@@ -388,7 +408,7 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step in phase.eval_points or step == phase.total:
+        if step in eval_points or step == phase.total:
             record = log({"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
             stopped = phase.early_stop > 0 and record.get("current", {}).get("em", 0) >= phase.early_stop
         if step in phase.save_steps:
@@ -420,9 +440,11 @@ def stage_dir(cfg, stage):
         chain.append(s)
         s = previous_stage(cfg, s)
     fields = [f for s in reversed(chain) for f in STAGE_FIELDS[s if s in ("pretrain", "task0", "recover") else "task"]]
+    if cfg.strategy != "freeze":  # so that every SEQ run shares one key whatever the freeze flags say
+        fields = [f for f in fields if f not in FREEZE_ONLY]
     settings = {f: getattr(cfg, f) for f in dict.fromkeys(fields)} | {"vocabulary": vocabulary_digest()}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    label = stage if stage in ("pretrain", "task0") else f"{stage}-{make_strategy(cfg.strategy, cfg.freeze_layers).describe()}"
+    label = stage if stage in ("pretrain", "task0") else f"{stage}-{make_strategy(cfg.strategy, cfg.freeze_layers, cfg.freeze_by).describe()}"
     return os.path.join(cfg.runs, cfg.preset, f"{label}-{digest}"), settings
 
 
@@ -437,6 +459,16 @@ def environment():
             "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"}
 
 
+def data_config(cfg):
+    try:
+        pools = tuple(int(n) for n in cfg.name_pools.split(","))
+        assert len(pools) == 3
+    except (ValueError, AssertionError):
+        raise ValueError(f"--name-pools {cfg.name_pools!r}: expected three numbers like 25,25,35") from None
+    return data.DataConfig(n_people=cfg.people, task_size=cfg.task_size, n_tasks=cfg.n_tasks, seed=cfg.seed,
+                           name_pools=pools)
+
+
 class Experiment:
     """The dataset, tokenizer and evaluation sets of one configuration, and the stages built on them."""
 
@@ -444,8 +476,7 @@ class Experiment:
         self.cfg = cfg
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tok = data.build_tokenizer()
-        dcfg = data.DataConfig(n_people=cfg.people, task_size=cfg.task_size, n_tasks=cfg.n_tasks, seed=cfg.seed)
-        self.bio = data.build_dataset(dcfg, self.tok)
+        self.bio = data.build_dataset(data_config(cfg), self.tok)
         self.qa = {}
 
     def qa_set(self, split):
@@ -460,9 +491,6 @@ class Experiment:
             qa = qa.subset(sorted(rng.choice(len(qa), self.cfg.eval_subset, replace=False).tolist()))
         return lambda model: evaluate(model, qa, self.tok)
 
-    def eval_points(self, total):
-        c = self.cfg
-        return set(range(0, min(total, c.dense_until) + 1, c.dense_every)) | set(range(0, total + 1, c.sparse_every))
 
     def run(self, stage, resume):
         """Build `stage`, and first whatever it needs, unless cached; return its directory."""
@@ -498,10 +526,11 @@ class Experiment:
         entries = self.bio.bio_token_ids(self.bio.splits["pretrain"])
         n_blocks = sum(len(e) + 1 for e in entries) // (c.context + 1)  # what pack_pretraining makes, any order
         steps_per_epoch = math.ceil(n_blocks / c.pretrain_batch)
-        phase = Phase("pretrain", -1, c.pretrain_epochs, steps_per_epoch,
-                      lambda rng: pretrain_batches(entries, c, self.tok, rng, self.device), c.pretrain_lr,
-                      c.pretrain_min_lr, c.pretrain_warmup, c.pretrain_wd, make_strategy("seq"),
-                      evals={"bio": self.bio_probe()}, eval_points=every_epoch(c.pretrain_epochs, steps_per_epoch))
+        phase = Phase("pretrain", task=-1, total=c.pretrain_epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+                      make_epoch=lambda rng: pretrain_batches(entries, c, self.tok, rng, self.device),
+                      lr=c.pretrain_lr, min_lr=c.pretrain_min_lr, warmup=c.pretrain_warmup,
+                      weight_decay=c.pretrain_wd, strategy=make_strategy("seq"),
+                      evals={"bio": (self.bio_probe(), every_epoch(c.pretrain_epochs, steps_per_epoch))})
         train_loop(model, phase, out, c, self.tok, resume)
         save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": "pretrain", "step": phase.total})
         result = read_metrics(out)[-1]["bio"]  # the probe the loop ran at its last step
@@ -521,15 +550,24 @@ class Experiment:
         c, k = self.cfg, int(stage[4:])
         model = load_checkpoint(os.path.join(prev_dir, "final"), self.device)
         train_qa = self.qa_set("task0_train" if k == 0 else stage)
-        epochs, lr = (c.task0_epochs, c.task0_lr) if k == 0 else (c.task_epochs, c.task_lr)
+        epochs = c.task0_epochs if k == 0 else c.task_epochs
         steps_per_epoch = math.ceil(len(train_qa) / c.ft_batch)
-        # Early stopping judges the whole task; the curves need only the fixed subset.
-        evals = {"task0": self.eval_fn("task0_test")} | ({"current": self.eval_fn(stage, full=c.early_stop > 0)} if k else {})
-        strategy = make_strategy(c.strategy, c.freeze_layers) if k else make_strategy("seq")
-        # Task 0 is evaluated once an epoch; the new tasks densely, as the forgetting happens early.
-        eval_points = self.eval_points(epochs * steps_per_epoch) if k else every_epoch(epochs, steps_per_epoch)
-        phase = Phase(stage, k, epochs, steps_per_epoch, lambda rng: qa_batches(train_qa, c.ft_batch, rng), lr, lr,
-                      0, c.ft_wd, strategy, evals, eval_points, early_stop=c.early_stop if k else 0.0,
+        total = epochs * steps_per_epoch
+        strategy = make_strategy(c.strategy, c.freeze_layers, c.freeze_by) if k else make_strategy("seq")
+        if k == 0:  # once an epoch
+            evals = {"task0": (self.eval_fn("task0_test"), every_epoch(epochs, steps_per_epoch))}
+        else:  # Task 0 densely on a fixed subset, as the forgetting happens early; the new task, which is
+            # learnt slowly, every `sparse_every` steps on all its pairs, since early stopping judges it whole
+            sparse = set(range(0, total + 1, c.sparse_every))
+            dense = set(range(0, min(total, c.dense_until) + 1, c.dense_every)) | sparse
+            evals = {"task0": (self.eval_fn("task0_test"), dense),
+                     "current": (self.eval_fn(stage, full=c.early_stop > 0), sparse)}
+        # One constant learning rate for every fine-tuning stage, as in the paper: a larger one for the new
+        # tasks would move the weights further than Task 0 did and mix real forgetting into the spurious kind.
+        phase = Phase(stage, task=k, total=total, steps_per_epoch=steps_per_epoch,
+                      make_epoch=lambda rng: qa_batches(train_qa, c.ft_batch, rng), lr=c.ft_lr, min_lr=c.ft_lr,
+                      warmup=0, weight_decay=c.ft_wd, strategy=strategy, evals=evals,
+                      early_stop=c.early_stop if k else 0.0,
                       save_steps={int(s) for s in c.checkpoint_steps.split(",")} if k == 1 else set())
         steps, stopped = train_loop(model, phase, out, c, self.tok, resume)
         save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": stage, "step": steps})
@@ -542,36 +580,48 @@ class Experiment:
                 "accuracy_row": [r["em"] for r in row.values()]}
 
     def recover(self, stage, out, last_task_dir, resume):
-        """The recovery probe, on the checkpoints saved during Task 1: a short fine-tune on QA of *other*
-        Task-0 people. If Task-0 test accuracy comes back, the knowledge was still in the weights and
-        only the task alignment was lost."""
+        """The recovery probe (the paper's): a copy of a checkpoint is fine-tuned on the QA of *all* Task-0
+        training people, at the fine-tuning lr, for a tenth of the Task-1 run's steps; then exact match on
+        the Task-0 *test* people, whose QA no stage ever trained. If their accuracy comes back, the
+        knowledge was still in the weights and only the task alignment was lost. The pretrained and
+        Task-0 checkpoints, probed the same way, give the ceiling: what the probe finds before any
+        forgetting."""
         c = self.cfg
         task1_dir = stage_dir(c, "task1")[0]
-        train_qa, test = self.qa_set("recover"), self.eval_fn("task0_test", full=True)
+        train_qa, test = self.qa_set("task0_train"), self.eval_fn("task0_test", full=True)
+        task1_steps = read_json(os.path.join(task1_dir, "final", "training_state.json"))["step"]
+        probe_steps = max(1, round(c.recover_fraction * task1_steps))
+        saved = sorted(p for p in os.listdir(os.path.join(task1_dir, "ckpt")) if not p.endswith(".tmp"))
+        probes = [("pretrained", os.path.join(stage_dir(c, "pretrain")[0], "final"), None),
+                  ("task0", os.path.join(stage_dir(c, "task0")[0], "final"), None)]
+        probes += [(name, os.path.join(task1_dir, "ckpt", name), int(name[5:])) for name in saved]
+        if f"step-{task1_steps:07d}" not in saved:  # Task 1 may have ended on a saved step
+            probes.append(("final", os.path.join(task1_dir, "final"), task1_steps))
+        print(f"  probing {len(probes)} checkpoints, {probe_steps} steps each ({c.recover_fraction:g} of Task 1's"
+              f" {task1_steps})")
         rows = []
-        probes = sorted(p for p in os.listdir(os.path.join(task1_dir, "ckpt")) if not p.endswith(".tmp"))
-        final_step = json.load(open(os.path.join(task1_dir, "final", "training_state.json")))["step"]
-        if f"step-{final_step:07d}" not in probes:  # Task 1 may have ended on a saved step
-            probes.append("final")
-        for name in tqdm(probes, desc="recover", leave=False):
+        for name, path, task1_step in tqdm(probes, desc="recover", leave=False):
             probe_dir, result_path = os.path.join(out, name), os.path.join(out, name, "result.json")
             if os.path.exists(result_path):  # done before an interruption
-                rows.append(json.load(open(result_path)))
+                rows.append(read_json(result_path))
                 continue
-            path = os.path.join(task1_dir, "final" if name == "final" else os.path.join("ckpt", name))
             model = load_checkpoint(path, self.device)
             before = test(model)
-            phase = Phase(f"recover {name}", 0, c.recover_epochs, math.ceil(len(train_qa) / c.ft_batch),
-                          lambda rng: qa_batches(train_qa, c.ft_batch, rng), c.recover_lr, c.recover_lr, 0, c.ft_wd,
-                          make_strategy("seq"))
+            phase = Phase(f"recover {name}", task=0, total=probe_steps,
+                          steps_per_epoch=math.ceil(len(train_qa) / c.ft_batch),
+                          make_epoch=lambda rng: qa_batches(train_qa, c.ft_batch, rng), lr=c.ft_lr, min_lr=c.ft_lr,
+                          warmup=0, weight_decay=c.ft_wd, strategy=make_strategy("seq"))
             os.makedirs(probe_dir, exist_ok=True)
             train_loop(model, phase, probe_dir, c, self.tok, resume)
             after = test(model)
-            step = json.load(open(os.path.join(path, "training_state.json")))["step"]
-            rows.append({"checkpoint": name, "task1_step": step, "task0_em_before": before["em"],
+            rows.append({"checkpoint": name, "task1_step": task1_step, "task0_em_before": before["em"],
                          "task0_em_after": after["em"], "before": before, "after": after})
             write_json(result_path, rows[-1])
-        return {"task1_run": os.path.basename(task1_dir), "rows": rows}
+        ceiling = rows[1]["task0_em_after"]  # the Task-0 model, probed: nothing forgotten yet
+        for row in rows:
+            row["recovered_share"] = row["task0_em_after"] / ceiling if ceiling else float("nan")
+        return {"task1_run": os.path.basename(task1_dir), "probe_steps": probe_steps, "ceiling": ceiling,
+                "rows": rows}
 
 # -----------------------------------------------------------------------------------------------
 # Report: a printed table and a plot
@@ -580,13 +630,13 @@ class Experiment:
 def related_runs(cfg, stage):
     """Completed runs of `stage` (any strategy) that share this configuration's pretraining and Task 0."""
     shared, _ = stage_dir(cfg, "task0")
-    task0_settings = json.load(open(os.path.join(shared, "summary.json")))["settings"]
+    task0_settings = read_json(os.path.join(shared, "summary.json"))["settings"]
     root = os.path.join(cfg.runs, cfg.preset)
     runs = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name, "summary.json")
         if name.startswith(stage + "-") and os.path.exists(path):
-            summary = json.load(open(path))
+            summary = read_json(path)
             if all(summary["settings"].get(k) == v for k, v in task0_settings.items()):
                 runs.append((os.path.join(root, name), summary))
     return runs
@@ -598,65 +648,184 @@ def read_metrics(run_dir):
 
 def report(cfg):
     """Print what the completed stages found, and plot Task 1's dense curves with the recovery probe."""
-    pre = json.load(open(os.path.join(stage_dir(cfg, "pretrain")[0], "summary.json")))
+    pre = read_json(os.path.join(stage_dir(cfg, "pretrain")[0], "summary.json"))
     print(f"\npretraining: biography attribute first-token accuracy {pre['bio']['first_token']:.3f}")
     task0 = os.path.join(stage_dir(cfg, "task0")[0], "summary.json")
     if not os.path.exists(task0):
         return
-    print(f"task 0: held-out (extraction) exact match {json.load(open(task0))['results']['task0']['em']:.3f}")
+    print(f"task 0: held-out (extraction) exact match {read_json(task0)['results']['task0']['em']:.3f}")
     summaries = [os.path.join(stage_dir(cfg, f"task{k}")[0], "summary.json") for k in range(cfg.n_tasks + 1)]
-    rows = [json.load(open(path))["accuracy_row"] for path in summaries if os.path.exists(path)]
+    rows = [read_json(path)["accuracy_row"] for path in summaries if os.path.exists(path)]
     if len(rows) > 1:
         print(f"accuracy matrix (exact match; row i = after task i, {cfg.strategy}): {rows}")
         print("  " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in cl_metrics(rows).items()))
     recovered = {s["task1_run"]: s for _, s in related_runs(cfg, "recover")}
-    print(f"\n{'task 1 run':<22}{'steps':>6}{'T0 start':>10}{'T0 min@50':>10}{'T0 end':>8}{'T1 end':>8}{'T0 recovered':>14}")
+    print(f"\n{'task 1 run':<28}{'steps':>6}{'T0 start':>10}{'T0 min@150':>11}{'T0 end':>8}{'T1 end':>8}"
+          f"{'T0 recovered':>14}")
     for run_dir, s in related_runs(cfg, "task1"):
         curve = read_metrics(run_dir)
-        early = [r["task0"]["em"] for r in curve if r["step"] <= 50]
+        early = [r["task0"]["em"] for r in curve if r["step"] <= 150]
         rec = recovered.get(os.path.basename(run_dir))
         rec_end = f"{rec['rows'][-1]['task0_em_after']:.3f}" if rec else "-"
-        print(f"{s['strategy'] + (' (early stop)' if s['stopped_early'] else ''):<22}{s['steps']:>6}"
-              f"{curve[0]['task0']['em']:>10.3f}{min(early):>10.3f}{s['results']['task0']['em']:>8.3f}"
+        print(f"{s['strategy'] + (' (early stop)' if s['stopped_early'] else ''):<28}{s['steps']:>6}"
+              f"{curve[0]['task0']['em']:>10.3f}{min(early):>11.3f}{s['results']['task0']['em']:>8.3f}"
               f"{s['results']['task1']['em']:>8.3f}{rec_end:>14}")
     root = os.path.join(cfg.runs, cfg.preset)
     for rec in recovered.values():
         task1_dir = os.path.join(root, rec["task1_run"])
-        print(f"\nrecovery probe of {task1_dir}")
-        print(f"{'task-1 step':>12}{'T0 EM before':>14}{'after':>8}")
+        print(f"\nrecovery probe of {task1_dir} ({rec['probe_steps']} steps on the Task-0 training QA)")
+        print(f"{'checkpoint':>14}{'T0 EM before':>14}{'after':>8}{'after / ceiling':>17}")
         for row in rec["rows"]:
-            print(f"{row['task1_step']:>12}{row['task0_em_before']:>14.3f}{row['task0_em_after']:>8.3f}")
-        plot_run(task1_dir, rec["rows"], task1_dir + ".png")
+            name = row["checkpoint"] if row["task1_step"] is None else f"task1 {row['task1_step']}"
+            print(f"{name:>14}{row['task0_em_before']:>14.3f}{row['task0_em_after']:>8.3f}{row['recovered_share']:>17.3f}")
+        plot_run(task1_dir, rec, task1_dir + ".png")
 
 
-def plot_run(task1_dir, recovery_rows, path):
+def plot_run(task1_dir, recovery, path):
     """Task-0 and Task-1 exact match over Task-1 steps, with the recovered Task-0 accuracy overlaid."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     curve = read_metrics(task1_dir)
     steps = [r["step"] for r in curve]
+    probed = [r for r in recovery["rows"] if r["task1_step"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["task0"]["em"] for r in curve], label="Task 0 (test people)", color="C0")
-    ax.plot(steps, [r["current"]["em"] for r in curve], label="Task 1", color="C1")
-    ax.plot([r["task1_step"] for r in recovery_rows], [r["task0_em_after"] for r in recovery_rows], "o--",
+    ax.plot([r["step"] for r in curve if "current" in r], [r["current"]["em"] for r in curve if "current" in r],
+            label="Task 1", color="C1")
+    ax.plot([r["task1_step"] for r in probed], [r["task0_em_after"] for r in probed], "o--",
             color="C2", label="Task 0 after recovery probe")
+    ax.axhline(recovery["ceiling"], color="C2", lw=0.8, ls=":", label="probe of the Task-0 model (ceiling)")
     ax.set_xscale("symlog", linthresh=10)  # linear for the first 10 steps, where the collapse starts
     ax.set(xlabel="Task-1 training step", ylabel="exact match", ylim=(-0.02, 1.02), xlim=(0, max(steps)),
            title=os.path.basename(task1_dir))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    save_figure(fig, path)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
     os.replace(path + ".tmp.png", path)
     print(f"plot: {path}")
+
+# -----------------------------------------------------------------------------------------------
+# Over seeds and over frozen depths: the README's headline table and the freeze sweep (paper Fig. 7a)
+
+# The paper's numbers (Pythia-160M shape, 100K + 20K people), beside which the headline table sets ours.
+PAPER = {"task0_extraction": "~100", "seq_task0_at_150": "~10", "seq_task0_end": "11.18",
+         "recovered_share_early": "~100%", "recovered_share_end": "96%", "freeze_task0_end": "44.22"}
+
+
+def headline_numbers(seq_cfg, freeze_cfg):
+    """One seed's row of the headline table, read from its finished SEQ, recovery and freeze runs."""
+    task0 = read_json(os.path.join(stage_dir(seq_cfg, "task0")[0], "summary.json"))
+    seq_dir = stage_dir(seq_cfg, "task1")[0]
+    seq, curve = read_json(os.path.join(seq_dir, "summary.json")), read_metrics(seq_dir)
+    rec = read_json(os.path.join(stage_dir(seq_cfg, "recover")[0], "summary.json"))
+    freeze = read_json(os.path.join(stage_dir(freeze_cfg, "task1")[0], "summary.json"))
+    probed = [r for r in rec["rows"] if r["task1_step"] is not None]
+    early = [r for r in probed if 0 < r["task1_step"] <= 150]
+    return {
+        "task0_extraction": task0["results"]["task0"]["em"],
+        "seq_task0_at_150": min(r["task0"]["em"] for r in curve if r["step"] <= 150),
+        "seq_task0_end": seq["results"]["task0"]["em"], "seq_task1_end": seq["results"]["task1"]["em"],
+        "seq_steps": seq["steps"], "probe_ceiling": rec["ceiling"],
+        "recovered_share_early": float(np.mean([r["recovered_share"] for r in early])),
+        "recovered_share_end": probed[-1]["recovered_share"],
+        "freeze_task0_end": freeze["results"]["task0"]["em"], "freeze_task1_end": freeze["results"]["task1"]["em"],
+        "freeze_steps": freeze["steps"],
+    }
+
+
+def headline(cfg, seeds, resume):
+    """SEQ with its recovery probe, and freeze, for each seed; then the mean +- std over the seeds."""
+    per_seed = []
+    for seed in seeds:
+        seq_cfg = dataclasses.replace(cfg, seed=seed, strategy="seq")
+        freeze_cfg = dataclasses.replace(seq_cfg, strategy="freeze")
+        print(f"\n=== seed {seed}")
+        Experiment(seq_cfg).run("recover", resume)
+        Experiment(freeze_cfg).run("task1", resume)
+        per_seed.append(headline_numbers(seq_cfg, freeze_cfg))
+    stats = {k: {"mean": float(np.mean([r[k] for r in per_seed])),
+                 "std": float(np.std([r[k] for r in per_seed], ddof=1)) if len(seeds) > 1 else 0.0}
+             for k in per_seed[0]}
+    labels = {"task0_extraction": "Task-0 test EM after Task 0 (extraction)",
+              "seq_task0_at_150": "SEQ: lowest Task-0 EM in the first 150 Task-1 steps",
+              "seq_task0_end": "SEQ: Task-0 EM when Task 1 is learnt",
+              "seq_task1_end": "SEQ: Task-1 EM at the end",
+              "seq_steps": "SEQ: Task-1 steps",
+              "probe_ceiling": "recovery probe of the Task-0 model (ceiling)",
+              "recovered_share_early": "recovered / ceiling, probes in steps 1-150 (mean)",
+              "recovered_share_end": "recovered / ceiling, probe of the final SEQ model",
+              "freeze_task0_end": f"freeze {cfg.freeze_layers} ({cfg.freeze_by}): Task-0 EM at early stop",
+              "freeze_task1_end": f"freeze {cfg.freeze_layers}: Task-1 EM at the end",
+              "freeze_steps": f"freeze {cfg.freeze_layers}: Task-1 steps"}
+    lines = [f"| finding | paper | ours: mean +- std over seeds {','.join(map(str, seeds))} |", "|---|---|---|"]
+    for k, s in stats.items():
+        scale = 100 if k in PAPER and not k.startswith("recovered") else 1  # the paper gives percentages
+        ours = f"{s['mean']:.0f} +- {s['std']:.0f}" if k.endswith("steps") else \
+            f"{scale * s['mean']:.1f} +- {scale * s['std']:.1f}" if scale == 100 else f"{s['mean']:.3f} +- {s['std']:.3f}"
+        lines.append(f"| {labels[k]} | {PAPER.get(k, '-')} | {ours} |")
+    table = "\n".join(lines)
+    root = os.path.join(cfg.runs, cfg.preset)
+    write_json(os.path.join(root, "headline.json"), {"seeds": seeds, "per_seed": per_seed, "stats": stats,
+                                                     "settings": dataclasses.asdict(cfg), **environment()})
+    write_text(os.path.join(root, "headline.md"), table + "\n")
+    print(f"\n{table}\n\nwritten to {root}/headline.md and headline.json")
+    return root
+
+
+def freeze_sweep(cfg, resume):
+    """Task 1 with the embedding and k = 0..L bottom blocks frozen, and SEQ: final Task-0 and Task-1
+    exact match against k, one plot (paper Fig. 7a)."""
+    runs = [("seq", dataclasses.replace(cfg, strategy="seq"))]
+    runs += [(k, dataclasses.replace(cfg, strategy="freeze", freeze_layers=k)) for k in range(cfg.n_layer + 1)]
+    rows = []
+    for k, run_cfg in runs:
+        summary = read_json(os.path.join(Experiment(run_cfg).run("task1", resume), "summary.json"))
+        rows.append({"frozen_blocks": k, "task0_em": summary["results"]["task0"]["em"],
+                     "task1_em": summary["results"]["task1"]["em"], "steps": summary["steps"],
+                     "stopped_early": summary["stopped_early"]})
+    root = os.path.join(cfg.runs, cfg.preset)
+    write_json(os.path.join(root, "freeze-sweep.json"), {"rows": rows, "settings": dataclasses.asdict(cfg),
+                                                         **environment()})
+    print(f"\n{'frozen blocks':>14}{'T0 EM':>8}{'T1 EM':>8}{'steps':>7}")
+    for r in rows:
+        print(f"{r['frozen_blocks']:>14}{r['task0_em']:>8.3f}{r['task1_em']:>8.3f}{r['steps']:>7}"
+              f"{'  (early stop)' if r['stopped_early'] else ''}")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = [-1] + [r["frozen_blocks"] for r in rows[1:]]
+    ax.plot(x, [r["task0_em"] for r in rows], "o-", label="Task 0 (test people)")
+    ax.plot(x, [r["task1_em"] for r in rows], "s-", label="Task 1")
+    ax.set_xticks(x, ["SEQ"] + [str(k) for k in x[1:]])
+    ax.set(xlabel=f"blocks frozen with the embedding ({cfg.freeze_by}; SEQ freezes nothing)", ylabel="exact match",
+           ylim=(-0.02, 1.02), title=f"{cfg.preset}: freezing the bottom blocks, early stop {cfg.early_stop:g}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, os.path.join(root, "freeze-sweep.png"))
+    return root
+
+
+COMMANDS = ("headline", "freeze-sweep")  # runs over several configurations, beside the single stages
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", default="recover",
-                        help="stage to reach: pretrain, task0, task1..taskK, or recover (default: recover)")
+                        help="stage to reach: pretrain, task0, task1..taskK, or recover (default: recover); or"
+                             " headline (SEQ + recovery probe and freeze, for each of --seeds, then mean +- std)"
+                             " or freeze-sweep (Task 1 with k = 0..n_layer blocks frozen, and SEQ)")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of --stage headline (default: 0,1,2)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted stages from their last saved state")
     for f in dataclasses.fields(TrainConfig):
         default = f.default
@@ -667,15 +836,19 @@ def parse_args(argv):
     if preset not in PRESETS:
         parser.error(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
-    sizes = data.PRESETS[preset]
-    base = dict(people=sizes.n_people, task_size=sizes.task_size, n_tasks=sizes.n_tasks) | PRESETS[preset]
+    preset_settings = dict(PRESETS[preset])
+    sizes = data.PRESETS[preset_settings.pop("data", preset)]
+    base = dict(people=sizes.n_people, task_size=sizes.task_size, n_tasks=sizes.n_tasks,
+                name_pools=",".join(map(str, sizes.name_pools))) | preset_settings
     cfg = TrainConfig(**(base | overrides | {"preset": preset}))
     if cfg.strategy not in STRATEGIES:
         parser.error(f"--strategy {cfg.strategy!r}: expected one of {', '.join(STRATEGIES)}")
     if not 0 <= cfg.freeze_layers <= cfg.n_layer:
         parser.error(f"--freeze-layers {cfg.freeze_layers}: expected 0..{cfg.n_layer} (the model has {cfg.n_layer} blocks)")
+    if cfg.freeze_by not in FREEZE_BY:
+        parser.error(f"--freeze-by {cfg.freeze_by!r}: expected one of {', '.join(FREEZE_BY)}")
     for name in POSITIVE:
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive number")
     try:
         steps = sorted({int(s) for s in cfg.checkpoint_steps.split(",")})
@@ -683,19 +856,26 @@ def parse_args(argv):
     except (ValueError, AssertionError):
         parser.error(f"--checkpoint-steps {cfg.checkpoint_steps!r}: expected step numbers like 0,10,20")
     try:
-        data.DataConfig(n_people=cfg.people, task_size=cfg.task_size, n_tasks=cfg.n_tasks, seed=cfg.seed)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        assert seeds and min(seeds) >= 0
+    except (ValueError, AssertionError):
+        parser.error(f"--seeds {args.seeds!r}: expected seeds like 0,1,2")
+    try:
+        data_config(cfg)
     except ValueError as e:
         parser.error(str(e))
-    if cfg.strategy != "freeze":  # the layer count means nothing to the others: keep it out of their cache key
-        cfg.freeze_layers = 0
     cfg.checkpoint_steps = ",".join(map(str, steps))
-    if args.stage not in stage_names(cfg):
-        parser.error(f"--stage {args.stage!r}: expected one of {', '.join(stage_names(cfg))}")
-    return cfg, args.stage, args.resume
+    if args.stage not in stage_names(cfg) + list(COMMANDS):
+        parser.error(f"--stage {args.stage!r}: expected one of {', '.join(stage_names(cfg) + list(COMMANDS))}")
+    return cfg, args.stage, args.resume, seeds
 
 
 def main(argv=None):
-    cfg, stage, resume = parse_args(argv)
+    cfg, stage, resume, seeds = parse_args(argv)
+    if stage == "headline":
+        return headline(cfg, seeds, resume)
+    if stage == "freeze-sweep":
+        return freeze_sweep(cfg, resume)
     if resume and not os.path.exists(stage_dir(cfg, "pretrain")[0]):
         raise UserError(f"--resume: nothing to resume under {os.path.join(cfg.runs, cfg.preset)} for these settings")
     exp = Experiment(cfg)

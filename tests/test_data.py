@@ -123,12 +123,10 @@ def test_splits(tiny):
     assert list(s["pretrain"]) == list(range(cfg.n_people))
     assert len(s["task0_train"]) + len(s["task0_test"]) == cfg.n_people
     assert not set(s["task0_train"]) & set(s["task0_test"])
-    assert set(s["recover"]) < set(s["task0_train"]) and len(s["recover"]) == len(s["task0_train"]) // 2
     tasks = [set(s[f"task{k}"]) for k in range(1, cfg.n_tasks + 1)]
     for k, task in enumerate(tasks, 1):
         assert len(task) == cfg.task_size
         assert not task & set(s["pretrain"])
-        assert set(s[f"task{k}_recover"]) < task
         for other in tasks[k:]:
             assert not task & other
     assert set().union(*tasks, s["pretrain"]) == set(range(len(tiny.people)))
@@ -150,7 +148,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert {p.name for p in (tmp_path / "a").iterdir()} == {
         "config.json", "tokenizer.json", "splits.json", "people.jsonl", "bios.jsonl", "qa.jsonl"}
     bios = [json.loads(line) for line in (tmp_path / "a" / "bios.jsonl").read_text().splitlines()]
-    assert len(bios) == 48 * ENTRIES_PER_PERSON
+    assert len(bios) == 50 * ENTRIES_PER_PERSON
 
 
 def test_same_seed_same_arrays(tiny, pools):
@@ -292,19 +290,22 @@ def test_bad_config():
     with pytest.raises(ValueError, match="n_peeple"):
         data.get_preset("tiny", n_peeple=5)
     for field, value in (("n_people", 1), ("n_tasks", -1), ("task_size", 0), ("seed", 1.5),
-                         ("recover_fraction", 0.0)):
+                         ("name_pools", (5, 5)), ("name_pools", (0, 5, 5)), ("name_pools", (401, 5, 5))):
         with pytest.raises(ValueError, match=f"DataConfig.{field}"):
             data.get_preset("tiny", **{field: value})
     with pytest.raises(ValueError, match="name triples"):
-        data.build_dataset(data.DataConfig(n_people=160_000_002, task_size=1, n_tasks=0))
+        data.DataConfig(n_people=160_000_002, task_size=1, n_tasks=0)
+    with pytest.raises(ValueError, match="name triples"):
+        data.get_preset("tiny", name_pools=(4, 4, 4))
 
 
 def test_cli(capsys, tmp_path, pool_copy):
     assert data.main(["--preset", "tiny", "--show", "2", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "split sizes: pretrain 48, task0_train 24, task0_test 24, recover 12, task1 12" in out
+    assert "split sizes: pretrain 50, task0_train 25, task0_test 25, task1 25, task2 25" in out
+    assert "first  names: 20-20 people each" in out
     assert out.count("bio 5:") == 2 and out.count("QA:") == 12
-    assert (tmp_path / "out" / "qa.jsonl").read_text().count("\n") == 72 * 6
+    assert (tmp_path / "out" / "qa.jsonl").read_text().count("\n") == 100 * 6
     edit_line(pool_copy / "majors.txt", 3, "")
     assert data.main(["--preset", "tiny", "--pools", str(pool_copy)]) == 2
     err = capsys.readouterr().err.strip()
@@ -328,3 +329,33 @@ def test_bio_probe_arrays_cut_the_first_biography_before_each_value(tiny):
         assert entry.startswith(prompt + answer)  # exactly the biography, as pretraining showed it
         assert prompt.count(person.name) == i % 6 + 1  # the (i % 6)-th sentence of the entry
         assert mask[p:n].all() and not mask[:p].any() and not mask[n:].any()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu"])
+def test_small_presets_share_every_name_as_at_the_paper_scale(preset):
+    """Every first, middle and last name is used by >= 20 people, none is one pretraining person's own,
+    and every name of a new-task person was seen in pretraining (with BPE at 100K people, every name
+    piece is shared by ~100-250 people)."""
+    bio = data.build_dataset(data.PRESETS[preset])
+    for kind, stats in data.name_sharing(bio).items():
+        assert stats["min_people"] >= 20, (kind, stats)
+        assert stats["pretrain_unique"] == 0.0
+        assert all(v == 0.0 for k, v in stats.items() if k.endswith("_unseen")), (kind, stats)
+    assert len({p.name for p in bio.people}) == len(bio.people)
+
+
+def test_full_pools_measure_the_problem_the_scaled_pools_fix():
+    """The control: the cpu population with the paper's full pools gives most pretraining people a
+    last name of their own, and many Task-1 people a name never pretrained."""
+    bio = data.build_dataset(dataclasses.replace(data.PRESETS["cpu"], name_pools=(400, 400, 1000)))
+    sharing = data.name_sharing(bio)
+    assert sharing["last"]["pretrain_unique"] > 0.5 and sharing["last"]["task1_unseen"] > 0.5
+
+
+def test_names_are_balanced_and_distinct_even_when_the_pools_are_nearly_full():
+    for pools, n in (((5, 5, 5), 100), ((3, 4, 5), 60), ((2, 2, 2), 8)):
+        names = data._draw_names(np.random.default_rng(1), n, pools)
+        assert len({tuple(r) for r in names.tolist()}) == n
+        for column, size in enumerate(pools):
+            counts = np.bincount(names[:, column], minlength=size)
+            assert counts.max() - counts.min() <= 1

@@ -4,12 +4,15 @@ import json
 import math
 import os
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
 import strategies
 import train
-from model import read_safetensors
+from model import ModelConfig, Transformer, key_plan, read_safetensors
 
 torch.set_num_threads(1)
 
@@ -45,7 +48,9 @@ def test_all_stages_write_their_outputs(runs):
         summary = json.load(open(os.path.join(d, "summary.json")))
         assert summary["settings"]["seed"] == 0 and summary["versions"]["torch"] == torch.__version__
     recovery = json.load(open(os.path.join(recover_dir, "summary.json")))
-    assert [r["task1_step"] for r in recovery["rows"]][:3] == [0, 2, 4]
+    assert [r["checkpoint"] for r in recovery["rows"]][:2] == ["pretrained", "task0"]  # the ceiling
+    assert [r["task1_step"] for r in recovery["rows"]][:5] == [None, None, 0, 2, 4]
+    assert recovery["ceiling"] == recovery["rows"][1]["task0_em_after"]
     assert all(in_unit_range(r["before"]) and in_unit_range(r["after"]) for r in recovery["rows"])
     task1_dir = os.path.join(runs_dir, "tiny", recovery["task1_run"])
     assert os.path.exists(task1_dir + ".png")
@@ -53,8 +58,11 @@ def test_all_stages_write_their_outputs(runs):
     records = [json.loads(line) for line in open(os.path.join(task1_dir, "metrics.jsonl"))]
     assert records[0]["step"] == 0 and {"task0", "current"} <= records[0].keys()
     for r in records:
-        assert in_unit_range(r["task0"]) and in_unit_range(r["current"])
+        assert in_unit_range(r["task0"]) and in_unit_range(r.get("current", {}))
         assert math.isfinite(r.get("loss", 0.0))
+    # Task 0 densely (every 2 steps to 6), the new task every sparse_every = 4 steps (20 steps in all)
+    assert [r["step"] for r in records] == [0, 2, 4, 6, 8, 12, 16, 20]
+    assert [r["step"] for r in records if "current" in r] == [0, 4, 8, 12, 16, 20]
     for name in ("step-0000000", "step-0000002", "step-0000004"):
         ckpt = os.path.join(task1_dir, "ckpt", name)
         assert {"config.json", "model.safetensors", "tokenizer.json", "training_state.json"} <= set(os.listdir(ckpt))
@@ -75,7 +83,7 @@ def test_cached_stages_are_reused_and_settings_change_the_key(runs, capsys):
     runs_dir, _, _ = runs
     run(runs_dir, "--stage", "task0")
     assert "task0: cached in" in capsys.readouterr().out
-    assert train.stage_dir(train.parse_args(["--preset", "tiny", "--task0-lr", "1e-3"])[0], "task0")[0] != \
+    assert train.stage_dir(train.parse_args(["--preset", "tiny", "--ft-lr", "1e-3"])[0], "task0")[0] != \
         train.stage_dir(train.parse_args(["--preset", "tiny"])[0], "task0")[0]
 
 
@@ -126,6 +134,11 @@ def test_cl_metrics_on_a_hand_computed_matrix():
     (["--n-tasks", "0"], "--n-tasks 0"),
     (["--checkpoint-steps", "0,10,"], "--checkpoint-steps '0,10,'"),
     (["--people", "1"], "n_people"),
+    (["--ft-lr", "0"], "--ft-lr 0.0: expected a positive number"),
+    (["--freeze-by", "name"], "--freeze-by 'name'"),
+    (["--name-pools", "2,2,2"], "name triples"),
+    (["--name-pools", "5,5"], "--name-pools '5,5'"),
+    (["--seeds", "0,x"], "--seeds '0,x'"),
 ])
 def test_bad_flags_give_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -151,8 +164,9 @@ def test_malformed_checkpoint_is_a_one_line_error(tmp_path):
 def test_presets_take_their_data_sizes_from_data_py():
     for name in train.PRESETS:
         cfg = train.parse_args(["--preset", name])[0]
-        sizes = train.data.PRESETS[name]
+        sizes = train.data.PRESETS[train.PRESETS[name].get("data", name)]
         assert (cfg.people, cfg.task_size, cfg.n_tasks) == (sizes.n_people, sizes.task_size, sizes.n_tasks)
+        assert train.data_config(cfg) == sizes  # name pools too
     defaults = train.TrainConfig()  # the flags' defaults are the cpu preset
     assert (defaults.people, defaults.task_size, defaults.n_tasks) == (500, 200, 1) == \
         (train.data.PRESETS["cpu"].n_people, train.data.PRESETS["cpu"].task_size, train.data.PRESETS["cpu"].n_tasks)
@@ -164,3 +178,73 @@ def test_seq_runs_ignore_the_freeze_layer_count():
     assert train.stage_dir(a, "task1") == train.stage_dir(b, "task1")
     c = train.parse_args(["--preset", "tiny", "--strategy", "freeze", "--freeze-layers", "1"])[0]
     assert train.stage_dir(a, "task1")[0] != train.stage_dir(c, "task1")[0]
+
+
+def test_one_learning_rate_for_every_fine_tuning_stage(runs):
+    """The paper fine-tunes Task 0, every later task and the recovery probe at one lr: a preset can only
+    set one (no other lr setting exists), and every fine-tuning step of the tiny run used it."""
+    lr_settings = [f.name for f in dataclasses.fields(train.TrainConfig) if "lr" in f.name]
+    assert lr_settings == ["pretrain_lr", "pretrain_min_lr", "ft_lr"]
+    for name in train.PRESETS:
+        assert train.parse_args(["--preset", name])[0].ft_lr > 0
+    runs_dir, recover_dir, _ = runs
+    ft_lr = train.parse_args(["--preset", "tiny"])[0].ft_lr
+    fine_tuning = [p for p in glob.glob(f"{runs_dir}/tiny/*/**/metrics.jsonl", recursive=True) if "/pretrain-" not in p]
+    assert any("/recover-" in p for p in fine_tuning) and any("/task2-" in p for p in fine_tuning)
+    for path in fine_tuning:
+        assert {r["lr"] for r in train.read_jsonl(path) if "lr" in r} == {ft_lr}, path
+
+
+def test_recovery_probe_trains_on_exactly_the_task0_training_people(runs, monkeypatch):
+    cfg = train.parse_args(["--preset", "tiny", "--runs", str(runs[0])])[0]
+    exp = train.Experiment(cfg)
+    phases = []
+
+    def record(model, phase, out, cfg, tok, resume):
+        phases.append(phase)
+        return phase.total, False
+
+    monkeypatch.setattr(train, "train_loop", record)
+    exp.recover("recover", str(runs[0] / "probe-spy"), None, resume=False)
+    pad = exp.tok.pad_id
+    expected = sorted(tuple(row[row != pad].tolist()) for row in exp.qa_set("task0_train").tokens)
+    assert len(phases) == 2 + 3 + 1  # pretrained, Task 0, Task-1 steps 0/2/4, and the final model
+    for phase in phases:
+        seen = []
+        for inputs, targets, _ in phase.make_epoch(np.random.default_rng(0)):
+            pairs = torch.cat([inputs, targets[:, -1:]], 1)  # (B, width): the batch's pairs, padding trimmed
+            seen += [tuple(row[row != pad].tolist()) for row in pairs]
+        assert sorted(seen) == expected
+
+
+def test_authors_freeze_set_is_their_substring_rule_on_12_layers():
+    model = Transformer(ModelConfig(model_type="gpt_neox", vocab_size=16, n_layer=12, n_head=1, d_model=8, d_ff=8,
+                                    max_seq_len=8))
+    strategy = strategies.make_strategy("freeze", 7, "substring")
+    assert strategy.frozen_blocks(12) == [0, 1, 2, 3, 4, 5, 6, 10, 11]
+    strategy.before_task(model, 1)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    frozen_hf = {hf for names, hf, _ in key_plan(model) if not set(names) & trainable}
+    # their rule, applied to the HF parameter names: the embedding, and every name containing 'layers.i', i < 7
+    expected = {hf for _, hf, _ in key_plan(model) if "embed_in" in hf or any(f"layers.{i}" in hf for i in range(7))}
+    assert frozen_hf == expected
+    assert strategies.make_strategy("freeze", 7).frozen_blocks(12) == list(range(7))  # exact index: the default
+
+
+def test_headline_and_freeze_sweep_read_their_runs(runs):
+    runs_dir, recover_dir, freeze_dir = runs
+    root = run(runs_dir, "--stage", "headline", "--seeds", "0")  # every run it needs is cached
+    result = train.read_json(os.path.join(root, "headline.json"))
+    (numbers,) = result["per_seed"]
+    recovery = train.read_json(os.path.join(recover_dir, "summary.json"))
+    freeze = train.read_json(os.path.join(freeze_dir, "summary.json"))
+    assert numbers["probe_ceiling"] == recovery["ceiling"]
+    assert numbers["recovered_share_end"] == pytest.approx(recovery["rows"][-1]["recovered_share"], nan_ok=True)
+    assert numbers["freeze_task0_end"] == freeze["results"]["task0"]["em"]
+    assert "| SEQ: Task-0 EM when Task 1 is learnt | 11.18 |" in open(os.path.join(root, "headline.md")).read()
+
+    run(runs_dir, "--stage", "freeze-sweep")
+    sweep = train.read_json(os.path.join(root, "freeze-sweep.json"))["rows"]
+    assert [r["frozen_blocks"] for r in sweep] == ["seq", 0, 1, 2]
+    assert sweep[2]["task0_em"] == freeze["results"]["task0"]["em"]  # the cached freeze-1 run
+    assert os.path.exists(os.path.join(root, "freeze-sweep.png"))
