@@ -291,6 +291,9 @@ class Transformer(nn.Module):
         padding may sit on the left, as in batched generation. return_hidden adds the residual stream:
         hidden[0] after the embedding, hidden[l] after block l (before the final norm), each (B, T, C).
         last_only computes logits (B, 1, V) for the last position alone: all that decoding needs.
+        With a loss_mask, only the masked positions go through the final norm and the head, and logits is
+        None: in QA fine-tuning the loss covers the answer alone, a quarter of the positions, and the head
+        (vocabulary x width) is a large share of a small model's compute.
         """
         B, T = idx.shape
         if last_only and targets is not None:
@@ -323,29 +326,30 @@ class Transformer(nn.Module):
             hidden.append(x)
         if cache is not None:
             cache.len += T
-        logits = self.lm_head(self.norm_f(x[:, -1:] if last_only else x))      # (B, T, V)
-        loss = None
-        if targets is not None:
-            losses = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), reduction="none")
-            if loss_mask is None:
-                loss = losses.mean()
-            else:
-                m = loss_mask.reshape(-1).to(losses.dtype)
-                loss = (losses * m).sum() / m.sum().clamp(min=1)
+        logits = loss = None
+        if targets is not None and loss_mask is not None:
+            picked = self.lm_head(self.norm_f(x[loss_mask]))                    # (N, V), N masked positions
+            loss = F.cross_entropy(picked.float(), targets[loss_mask], reduction="sum") / max(1, len(picked))
+        else:
+            logits = self.lm_head(self.norm_f(x[:, -1:] if last_only else x))  # (B, T, V)
+            if targets is not None:
+                loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1))
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, eos_id=None, pad_id=0):
+    def generate(self, prompts, max_new_tokens, eos_id=None, pad_id=0, return_first_logits=False):
         """Batched greedy decoding with a KV cache. prompts: list of token-id lists, any lengths.
 
         Prompts are left-padded so they all end at the same column. Returns one list of new tokens per
-        prompt, ending with eos_id where the model produced it.
+        prompt, ending with eos_id where the model produced it; with return_first_logits, also the logits
+        (B, V) that chose the first new token, so an evaluation needs no second pass over the prompts.
         """
         device = self.embed.weight.device
         idx, mask = left_pad(prompts, pad_id, device)
         B, T = idx.shape
         cache = KVCache(self.cfg, B, T + max_new_tokens, self.embed.weight.dtype, device)
         logits, _ = self(idx, attention_mask=mask, cache=cache, last_only=True)
+        first_logits = logits[:, -1]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for step in range(max_new_tokens):
@@ -360,7 +364,7 @@ class Transformer(nn.Module):
         rows = torch.stack(out, dim=1).tolist()
         if eos_id is not None:
             rows = [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]
-        return rows
+        return (rows, first_logits) if return_first_logits else rows
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32):

@@ -2,11 +2,15 @@
 
     python train.py                                   # cpu preset: pretrain -> Task 0 -> Task 1 (SEQ) -> recovery
     python train.py --stage task1 --strategy freeze   # same, freezing the embedding + bottom layers in Task 1
+    python train.py --stage headline                  # SEQ + recovery and freeze for seeds 0,1,2: mean +- std
+    python train.py --preset deep --stage freeze-sweep  # Task 1 with k = 0..8 bottom blocks frozen
 
 Stages, in order: pretrain (biographies, from scratch) -> task0 (QA of half the people; tested on the
-other half: knowledge *extraction*) -> task1..taskK (QA of new people) -> recover (the probe, on the
-checkpoints saved during Task 1). Asking for a stage runs every missing earlier one. Each stage lives in runs/<preset>/<stage>-<hash>/, where
-the hash covers every setting that shaped it, so a change of settings makes a new directory and
+other half: knowledge *extraction*) -> task1..taskK (QA of new people) -> recover (the probe: the
+pretrained, Task-0 and saved Task-1 checkpoints, each fine-tuned briefly on the Task-0 training QA and
+tested on the Task-0 test people). Every fine-tuning stage uses one learning rate, as the paper does.
+Asking for a stage runs every missing earlier one. Each stage lives in runs/<preset>/<stage>-<hash>/,
+where the hash covers every setting that shaped it, so a change of settings makes a new directory and
 never reuses an old result. A stage is complete once its summary.json exists.
 """
 import os
@@ -32,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import ModelConfig, Transformer, left_pad, read_safetensors, write_safetensors
+from model import ModelConfig, Transformer, read_safetensors, write_safetensors
 from strategies import FREEZE_BY, STRATEGIES, make_strategy
 
 
@@ -82,9 +86,9 @@ class TrainConfig:
     # recovery probe: fine-tune a copy on the QA of all Task-0 training people, test on the Task-0 test people
     recover_fraction: float = arg(0.1, "recovery-probe length as a share of the Task-1 run's steps (the paper:"
                                        " 1 epoch of Task-0 QA, 6,250 steps, against Task 1's 62,500)")
-    checkpoint_steps: str = arg("0,5,10,20,50,100,150,200", "Task-1 steps to save and probe (the end is always"
-                                " saved); the paper probed every 5 steps to 200: --checkpoint-steps"
-                                " $(seq -s, 0 5 200)")
+    checkpoint_steps: str = arg("10,20,50,100,150,200", "Task-1 steps to save and probe (the end is always saved;"
+                                " step 0 is the Task-0 model, probed anyway); the paper probed every 5 steps to"
+                                " 200: --checkpoint-steps $(seq -s, 5 5 200)")
     # evaluation
     eval_subset: int = arg(600, "QA pairs per set for the frequent evaluations (the end of a task, and the"
                                 " current task under --early-stop, use all; the memorisation probe uses as"
@@ -192,14 +196,14 @@ def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=512):
     per_sample = {"first_token": [], "first_token_prob": []} | ({"em": []} if exact_match else {})
     for s in range(0, len(qa), batch_size):
         rows, first = slice(s, s + batch_size), qa.answer_first[s:s + batch_size]
-        idx, mask = left_pad(qa.prompts[rows], tok.pad_id, first.device)   # prompts end in the last column
-        logits, _ = model(idx, attention_mask=mask, last_only=True)
-        at_answer = logits[:, -1].float()                                  # (B, V): predicts the answer's first token
+        answers = qa.answers[rows]
+        # Greedy decoding; its first step's logits predict the answer's first token, for the first-token metrics.
+        generated, at_answer = model.generate(qa.prompts[rows], max(map(len, answers)) if exact_match else 1,
+                                              eos_id=tok.eos_id, pad_id=tok.pad_id, return_first_logits=True)
+        at_answer = at_answer.float()                                      # (B, V)
         per_sample["first_token"].append((at_answer.argmax(-1) == first).float().cpu())
         per_sample["first_token_prob"].append(at_answer.softmax(-1).gather(1, first[:, None])[:, 0].cpu())
         if exact_match:
-            answers = qa.answers[rows]
-            generated = model.generate(qa.prompts[rows], max(map(len, answers)), eos_id=tok.eos_id, pad_id=tok.pad_id)
             per_sample["em"].append(torch.tensor([g == a for g, a in zip(generated, answers)], dtype=torch.float))
     model.train(was_training)
     attribute = qa.attribute.cpu()
@@ -594,7 +598,7 @@ class Experiment:
         saved = sorted(p for p in os.listdir(os.path.join(task1_dir, "ckpt")) if not p.endswith(".tmp"))
         probes = [("pretrained", os.path.join(stage_dir(c, "pretrain")[0], "final"), None),
                   ("task0", os.path.join(stage_dir(c, "task0")[0], "final"), None)]
-        probes += [(name, os.path.join(task1_dir, "ckpt", name), int(name[5:])) for name in saved]
+        probes += [(name, os.path.join(task1_dir, "ckpt", name), int(name[5:])) for name in saved if name != "step-0000000"]
         if f"step-{task1_steps:07d}" not in saved:  # Task 1 may have ended on a saved step
             probes.append(("final", os.path.join(task1_dir, "final"), task1_steps))
         print(f"  probing {len(probes)} checkpoints, {probe_steps} steps each ({c.recover_fraction:g} of Task 1's"
@@ -617,7 +621,7 @@ class Experiment:
             rows.append({"checkpoint": name, "task1_step": task1_step, "task0_em_before": before["em"],
                          "task0_em_after": after["em"], "before": before, "after": after})
             write_json(result_path, rows[-1])
-        ceiling = rows[1]["task0_em_after"]  # the Task-0 model, probed: nothing forgotten yet
+        ceiling = max(rows[0]["task0_em_after"], rows[1]["task0_em_after"])  # probed before anything was forgotten
         for row in rows:
             row["recovered_share"] = row["task0_em_after"] / ceiling if ceiling else float("nan")
         return {"task1_run": os.path.basename(task1_dir), "probe_steps": probe_steps, "ceiling": ceiling,
@@ -686,14 +690,15 @@ def plot_run(task1_dir, recovery, path):
     plt = pyplot()
     curve = read_metrics(task1_dir)
     steps = [r["step"] for r in curve]
-    probed = [r for r in recovery["rows"] if r["task1_step"] is not None]
+    probed = [r | {"task1_step": 0} if r["checkpoint"] == "task0" else r  # the Task-0 model is Task-1 step 0
+              for r in recovery["rows"] if r["checkpoint"] != "pretrained"]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["task0"]["em"] for r in curve], label="Task 0 (test people)", color="C0")
     ax.plot([r["step"] for r in curve if "current" in r], [r["current"]["em"] for r in curve if "current" in r],
             label="Task 1", color="C1")
     ax.plot([r["task1_step"] for r in probed], [r["task0_em_after"] for r in probed], "o--",
             color="C2", label="Task 0 after recovery probe")
-    ax.axhline(recovery["ceiling"], color="C2", lw=0.8, ls=":", label="probe of the Task-0 model (ceiling)")
+    ax.axhline(recovery["ceiling"], color="C2", lw=0.8, ls=":", label="ceiling: best probe of pretrained, Task-0 model")
     ax.set_xscale("symlog", linthresh=10)  # linear for the first 10 steps, where the collapse starts
     ax.set(xlabel="Task-1 training step", ylabel="exact match", ylim=(-0.02, 1.02), xlim=(0, max(steps)),
            title=os.path.basename(task1_dir))

@@ -49,8 +49,9 @@ def test_all_stages_write_their_outputs(runs):
         assert summary["settings"]["seed"] == 0 and summary["versions"]["torch"] == torch.__version__
     recovery = json.load(open(os.path.join(recover_dir, "summary.json")))
     assert [r["checkpoint"] for r in recovery["rows"]][:2] == ["pretrained", "task0"]  # the ceiling
-    assert [r["task1_step"] for r in recovery["rows"]][:5] == [None, None, 0, 2, 4]
-    assert recovery["ceiling"] == recovery["rows"][1]["task0_em_after"]
+    # the step-0 checkpoint is the Task-0 model: saved, and probed once, as "task0"
+    assert [r["task1_step"] for r in recovery["rows"]] == [None, None, 2, 4, 20]
+    assert recovery["ceiling"] == max(r["task0_em_after"] for r in recovery["rows"][:2])
     assert all(in_unit_range(r["before"]) and in_unit_range(r["after"]) for r in recovery["rows"])
     task1_dir = os.path.join(runs_dir, "tiny", recovery["task1_run"])
     assert os.path.exists(task1_dir + ".png")
@@ -208,7 +209,7 @@ def test_recovery_probe_trains_on_exactly_the_task0_training_people(runs, monkey
     exp.recover("recover", str(runs[0] / "probe-spy"), None, resume=False)
     pad = exp.tok.pad_id
     expected = sorted(tuple(row[row != pad].tolist()) for row in exp.qa_set("task0_train").tokens)
-    assert len(phases) == 2 + 3 + 1  # pretrained, Task 0, Task-1 steps 0/2/4, and the final model
+    assert len(phases) == 2 + 2 + 1  # pretrained, Task 0 (= Task-1 step 0), Task-1 steps 2 and 4, the final model
     for phase in phases:
         seen = []
         for inputs, targets, _ in phase.make_epoch(np.random.default_rng(0)):
