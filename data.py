@@ -662,6 +662,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Generate the Biography dataset (people, bios, QA pairs).")
     parser.add_argument("--preset", default="cpu", choices=list(PRESETS), help="dataset size (default: cpu)")
     parser.add_argument("--seed", type=int, help="override the preset's seed")
+    parser.add_argument("--name-pools", metavar="F,M,L", help="override the preset's name pool sizes, e.g. 400,400,1000")
     parser.add_argument("--show", type=int, default=0, metavar="N",
                         help="print the first N people with their five bios and six QA pairs")
     parser.add_argument("--out", metavar="DIR", help="write the dataset as JSONL files into DIR")
@@ -671,6 +672,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = {} if args.seed is None else {"seed": args.seed}
+        if args.name_pools:
+            try:
+                overrides["name_pools"] = tuple(int(n) for n in args.name_pools.split(","))
+            except ValueError:
+                raise ValueError(f"--name-pools {args.name_pools!r}: expected three numbers like 25,25,35") from None
         cfg = get_preset(args.preset, **overrides)
         if args.bench:
             print(f"preset {args.preset}: {cfg}")

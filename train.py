@@ -110,7 +110,7 @@ PRESETS = {
                  dense_until=6, sparse_every=4, state_every=3),
     "cpu": dict(),
     # The cpu data on a thin model twice as deep, for the freeze sweep over k = 0..8 (paper Fig. 7a).
-    "deep": dict(data="cpu", n_layer=8, d_model=64, n_head=4, d_ff=256, dense_until=0),
+    "deep": dict(data="cpu", n_layer=8, d_model=64, n_head=4, d_ff=256, dense_until=0, sparse_every=50),
     "paper": dict(n_layer=12, d_model=768, n_head=12, d_ff=3072,
                   context=512, pretrain_epochs=80, pretrain_batch=96, pretrain_lr=1e-3, pretrain_min_lr=1e-4,
                   pretrain_warmup=1000, ft_wd=0.01, ft_lr=5e-6, task0_epochs=10, task_epochs=25,

@@ -304,6 +304,8 @@ def test_cli(capsys, tmp_path, pool_copy):
     out = capsys.readouterr().out
     assert "split sizes: pretrain 50, task0_train 25, task0_test 25, task1 25, task2 25" in out
     assert "first  names: 20-20 people each" in out
+    assert data.main(["--preset", "cpu", "--name-pools", "400,400,1000"]) == 0  # the paper's pools, 700 people
+    assert "last   names: 1-1 people each; unique to one pretraining person: 100%" in capsys.readouterr().out
     assert out.count("bio 5:") == 2 and out.count("QA:") == 12
     assert (tmp_path / "out" / "qa.jsonl").read_text().count("\n") == 100 * 6
     edit_line(pool_copy / "majors.txt", 3, "")
