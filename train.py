@@ -95,7 +95,7 @@ class TrainConfig:
                                 " many biography sentences)")
     dense_every: int = arg(5, "evaluate Task 0 every this many steps early in a new task ...")
     dense_until: int = arg(200, "... up to this step ...")
-    sparse_every: int = arg(25, "... and every this many steps after; the new task itself (all its pairs, for"
+    sparse_every: int = arg(50, "... and every this many steps after; the new task itself (all its pairs, for"
                                 " early stopping) at these steps throughout")
     state_every: int = arg(50, "save a resumable training state every this many steps")
     runs: str = arg("runs", "directory where stages are cached")
@@ -110,7 +110,7 @@ PRESETS = {
                  dense_until=6, sparse_every=4, state_every=3),
     "cpu": dict(),
     # The cpu data on a thin model twice as deep, for the freeze sweep over k = 0..8 (paper Fig. 7a).
-    "deep": dict(data="cpu", n_layer=8, d_model=64, n_head=4, d_ff=256, dense_until=0, sparse_every=50),
+    "deep": dict(data="cpu", n_layer=8, d_model=64, n_head=4, d_ff=256, dense_until=0),
     "paper": dict(n_layer=12, d_model=768, n_head=12, d_ff=3072,
                   context=512, pretrain_epochs=80, pretrain_batch=96, pretrain_lr=1e-3, pretrain_min_lr=1e-4,
                   pretrain_warmup=1000, ft_wd=0.01, ft_lr=5e-6, task0_epochs=10, task_epochs=25,
@@ -188,7 +188,7 @@ def pretrain_batches(entries, cfg, tok, rng, device):
 
 
 @torch.no_grad()
-def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=512):
+def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=2048):
     """First-token accuracy at the answer position, hard (argmax) and soft (probability), and exact match
     (greedy decoding must give the answer, then EOS); each per attribute, then averaged over attributes."""
     was_training = model.training
@@ -346,8 +346,9 @@ class Phase:
     save_steps: set = field(default_factory=set)
 
 
-def every_epoch(epochs, steps_per_epoch):
-    return set(range(0, epochs * steps_per_epoch + 1, steps_per_epoch))
+def every_epoch(epochs, steps_per_epoch, every=1):
+    """Step 0, every `every`-th epoch's end, and the last step."""
+    return set(range(0, epochs * steps_per_epoch + 1, every * steps_per_epoch)) | {epochs * steps_per_epoch}
 
 
 def lr_at(step, phase):
@@ -534,7 +535,7 @@ class Experiment:
                       make_epoch=lambda rng: pretrain_batches(entries, c, self.tok, rng, self.device),
                       lr=c.pretrain_lr, min_lr=c.pretrain_min_lr, warmup=c.pretrain_warmup,
                       weight_decay=c.pretrain_wd, strategy=make_strategy("seq"),
-                      evals={"bio": (self.bio_probe(), every_epoch(c.pretrain_epochs, steps_per_epoch))})
+                      evals={"bio": (self.bio_probe(), every_epoch(c.pretrain_epochs, steps_per_epoch, every=4))})
         train_loop(model, phase, out, c, self.tok, resume)
         save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": "pretrain", "step": phase.total})
         result = read_metrics(out)[-1]["bio"]  # the probe the loop ran at its last step
