@@ -769,18 +769,19 @@ def headline(cfg, seeds, resume):
               "seq_task0_end": "SEQ: Task-0 EM when Task 1 is learnt",
               "seq_task1_end": "SEQ: Task-1 EM at the end",
               "seq_steps": "SEQ: Task-1 steps",
-              "probe_ceiling": "recovery probe of the Task-0 model (ceiling)",
+              "probe_ceiling": "recovery-probe ceiling: best probe of the pretrained and Task-0 models",
               "recovered_share_early": "recovered / ceiling, probes in steps 1-150 (mean)",
               "recovered_share_end": "recovered / ceiling, probe of the final SEQ model",
               "freeze_task0_end": f"freeze {cfg.freeze_layers} ({cfg.freeze_by}): Task-0 EM at early stop",
               "freeze_task1_end": f"freeze {cfg.freeze_layers}: Task-1 EM at the end",
               "freeze_steps": f"freeze {cfg.freeze_layers}: Task-1 steps"}
-    lines = [f"| finding | paper | ours: mean +- std over seeds {','.join(map(str, seeds))} |", "|---|---|---|"]
+    lines = [f"| finding | paper | ours: mean +- std | seeds {', '.join(map(str, seeds))} |", "|---|---|---|---|"]
     for k, s in stats.items():
         scale = 100 if k in PAPER and not k.startswith("recovered") else 1  # the paper gives percentages
-        ours = f"{s['mean']:.0f} +- {s['std']:.0f}" if k.endswith("steps") else \
-            f"{scale * s['mean']:.1f} +- {scale * s['std']:.1f}" if scale == 100 else f"{s['mean']:.3f} +- {s['std']:.3f}"
-        lines.append(f"| {labels[k]} | {PAPER.get(k, '-')} | {ours} |")
+        fmt = "{:.0f}" if k.endswith("steps") else "{:.1f}" if scale == 100 else "{:.3f}"
+        ours = f"{fmt.format(scale * s['mean'])} +- {fmt.format(scale * s['std'])}"
+        each = ", ".join(fmt.format(scale * r[k]) for r in per_seed)
+        lines.append(f"| {labels[k]} | {PAPER.get(k, '-')} | {ours} | {each} |")
     table = "\n".join(lines)
     root = os.path.join(cfg.runs, cfg.preset)
     write_json(os.path.join(root, "headline.json"), {"seeds": seeds, "per_seed": per_seed, "stats": stats,
