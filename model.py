@@ -337,8 +337,10 @@ class Transformer(nn.Module):
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, eos_id=None, pad_id=0, return_first_logits=False):
-        """Batched greedy decoding with a KV cache. prompts: list of token-id lists, any lengths.
+    def generate(self, prompts, max_new_tokens, eos_id=None, pad_id=0, return_first_logits=False, top_k=None,
+                 generator=None):
+        """Batched decoding with a KV cache: greedy, or with top_k sampling from the k likeliest tokens
+        (drawn from `generator`). prompts: list of token-id lists, any lengths.
 
         Prompts are left-padded so they all end at the same column. Returns one list of new tokens per
         prompt, ending with eos_id where the model produced it; with return_first_logits, also the logits
@@ -353,7 +355,12 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for step in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)                                      # (B,)
+            if top_k is None:
+                nxt = logits[:, -1].argmax(-1)                                  # (B,)
+            else:
+                top, ids = logits[:, -1].float().topk(top_k, dim=-1)           # (B, k)
+                pick = torch.multinomial(top.softmax(-1), 1, generator=generator)  # (B, 1)
+                nxt = ids.gather(1, pick)[:, 0]
             out.append(nxt)
             if eos_id is not None:
                 done |= nxt == eos_id

@@ -1,80 +1,631 @@
-"""Continual-learning strategies, plugged into the training loop of train.py through four hooks.
+"""Continual-learning strategies: the paper's Table 1, each method a small class.
 
-train.py calls them for every new task (Task 1 on; pretraining, Task 0 and the recovery probes use
-plain SEQ):
+train.py runs every fine-tuning task through a strategy's hooks, each given a Context (below):
 
-    strategy.before_task(model, task)        # once, before the optimizer is built
-    loss = strategy.loss(model, batch, loss)  # every step: add a penalty (EWC), a replay term, ...
-    strategy.after_backward(model)           # every step, gradients ready: edit them (projection)
-    strategy.after_task(model, task)         # once, when the task ends: remember what it needs
+    strategy.load_state(tensors, meta)          # what the previous task's run of this strategy left
+    strategy.start(ctx)                         # once, before the optimizer is built: freeze, measure, generate
+    for each epoch:  strategy.epoch(ctx, rng)   # the epoch's batches: replay and LAMOL mix old data in
+        loss = strategy.loss(ctx, batch, loss)  # every step: EWC's penalty, LAMOL's generation term
+        strategy.after_backward(ctx)            # every step, gradients ready: gradient projection edits them
+    strategy.end(ctx)                           # once, after the last step (task vectors act here)
+    strategy.checkpoint_steps(...)              # extra steps to save the model at (task vectors)
+    tensors, meta = strategy.state()            # saved beside the task's checkpoint, read by the next task
 
-Parameters with requires_grad=False after before_task are left out of the optimizer, so they stay
-bit-identical. New methods (EWC, replay, LAMOL, task vectors, gradient projection) subclass Seq and
-override the hooks they need; the loop does not change.
+What a method remembers of a finished task (EWC's Fisher, replay's buffer) is computed in start() of the
+next task, from the model it starts from: that model *is* the end of the finished task, so the result is
+the same as computing it at that task's end, and every method can share one cached Task-0 run. start()
+depends only on that model and seeded generators, so a resumed run repeats it bit for bit.
+
+Each strategy declares its hyper-parameters as a small dataclass (its `Config`): train.py turns the
+fields into flags and puts their values into the run's cache key. Field names carry the method's name,
+since all methods share one command line.
 """
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model import Transformer
+
+
+def hp(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Context:
+    """What a hook may read. train.py builds one per task."""
+    model: torch.nn.Module
+    task: int                 # 0 = Task 0, k = Task k
+    tok: object               # data.Tokenizer
+    train: list               # training QA sets of tasks 0..task (index = task), QASet of train.py
+    out: str                  # the stage directory
+    seed: int
+    batch_size: int
+    batches: object           # (qa, batch_size, rng) -> list of (inputs, targets, loss_mask) batches
+    join: object              # list of QA sets -> one QA set (padded to a common width)
+    from_pairs: object        # (prompts, answers) token-id lists -> a QA set
+    fit: object               # (model, qa, seed) -> an endless generator, one fine-tuning step per item,
+                              # with the stage's own optimizer settings: for preliminary runs
+    evaluate: object          # (model, task) -> exact match: Task 0 on its test people, Task k on its pairs
+    checkpoints: dict = field(default_factory=dict)  # step -> directory, filled as the stage saves them
+    steps_per_epoch: int = 0  # set once the strategy has started
+    step: int = 0             # the training step, kept current by train.py
+    optimizer: object = None  # set when train.py has built it
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+# -----------------------------------------------------------------------------------------------
+# SEQ, and freezing the bottom layers
 
 
 class Seq:
     """Plain sequential fine-tuning (the paper's SEQ): every parameter learns every task."""
     name = "seq"
+    changes_task0 = False  # True if the method trains Task 0 differently (then Task 0 is its own run)
 
-    def before_task(self, model, task):
-        for p in model.parameters():
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config=None):
+        self.config = config or self.Config()
+
+    def label(self):
+        return self.name
+
+    def load_state(self, tensors, meta):
+        pass
+
+    def start(self, ctx):
+        for p in ctx.model.parameters():
             p.requires_grad_(True)
 
-    def loss(self, model, batch, loss):
+    def epoch(self, ctx, rng):
+        return ctx.batches(ctx.train[ctx.task], ctx.batch_size, rng)
+
+    def loss(self, ctx, batch, loss):
         return loss
 
-    def after_backward(self, model):
+    def after_backward(self, ctx):
         pass
 
-    def after_task(self, model, task):
+    def checkpoint_steps(self, steps_per_epoch, total):
+        """Steps at which to save the model, beyond the run's own (task vectors need some)."""
+        return set()
+
+    def end(self, ctx):
         pass
 
-    def describe(self):
-        return self.name
+    def state(self):
+        return {}, {}
+
+
+def hf_block_name(j):
+    return f"layers.{j}."  # how HF GPT-NeoX / Llama checkpoints name block j's parameters
 
 
 class Freeze(Seq):
-    """From Task 1 on, freeze the input embedding and `n_layers` bottom blocks.
+    """From Task 1 on, freeze the input embedding and the bottom `freeze_layers` blocks.
 
     The paper finds the bottom layers carry most of the feature shift that undoes the old task's
-    alignment, so holding them fixed keeps more of Task 0. By default blocks are picked by exact index
-    (model.blocks[:n]). `by="substring"` reproduces the set the authors' code actually froze: it
-    matched parameter names against 'layers.0' .. 'layers.{n-1}' by substring, and 'layers.1' also
-    matches 'layers.10'..'layers.19', so with 12 blocks their "bottom 7" froze blocks 0-6, 10 and 11.
+    alignment, so holding them fixed keeps more of Task 0. By default blocks are picked by exact index.
+    `freeze_by="substring"` reproduces the set the authors' code actually froze: it matched parameter
+    names against 'layers.0' .. 'layers.{k-1}' by substring, and 'layers.1' also matches 'layers.10' ..
+    'layers.19', so with 12 blocks their "bottom 7" froze blocks 0-6, 10 and 11.
+    Frozen parameters are left out of the optimizer, so they stay bit-identical.
     """
     name = "freeze"
 
-    def __init__(self, n_layers, by="index"):
-        self.n_layers, self.by = n_layers, by
+    @dataclass
+    class Config:
+        freeze_layers: int = hp(1, "freeze: the embedding plus this many bottom blocks are frozen from Task 1 on")
+        freeze_by: str = hp("index", "freeze: 'index' freezes blocks 0..k-1; 'substring' the authors' effective"
+                                     " set (block j frozen if 'layers.j.' contains 'layers.i' for an i < k)")
+
+        def __post_init__(self):
+            if self.freeze_layers < 0:
+                raise ValueError(f"--freeze-layers {self.freeze_layers}: expected 0 or more")
+            if self.freeze_by not in ("index", "substring"):
+                raise ValueError(f"--freeze-by {self.freeze_by!r}: expected index or substring")
+
+    freeze_embedding = True
+
+    def patterns(self):
+        return [f"layers.{i}" for i in range(self.config.freeze_layers)]
 
     def frozen_blocks(self, n_blocks):
-        if self.by == "index":
-            return list(range(min(self.n_layers, n_blocks)))
-        patterns = [f"layers.{i}" for i in range(self.n_layers)]
-        return [j for j in range(n_blocks) if any(p in f"layers.{j}." for p in patterns)]
+        if self.config.freeze_by == "index":
+            return list(range(min(self.config.freeze_layers, n_blocks)))
+        return [j for j in range(n_blocks) if any(p in hf_block_name(j) for p in self.patterns())]
 
-    def before_task(self, model, task):
-        super().before_task(model, task)
-        if task == 0:
+    def start(self, ctx):
+        super().start(ctx)
+        if ctx.task == 0:
             return
-        frozen = [model.embed] + [model.blocks[j] for j in self.frozen_blocks(len(model.blocks))]
-        if hasattr(model, "pos_embed"):  # learned positions are part of the input embedding
-            frozen.append(model.pos_embed)
+        model = ctx.model
+        frozen = [model.blocks[j] for j in self.frozen_blocks(len(model.blocks))]
+        if self.freeze_embedding:
+            frozen.append(model.embed)
+            if hasattr(model, "pos_embed"):  # learned positions are part of the input embedding
+                frozen.append(model.pos_embed)
         for module in frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
 
-    def describe(self):
-        return f"freeze{self.n_layers}" + ("" if self.by == "index" else f"-{self.by}")
+    def label(self):
+        c = self.config
+        return f"freeze{c.freeze_layers}" + ("" if c.freeze_by == "index" else f"-{c.freeze_by}")
 
 
-STRATEGIES = {"seq": Seq, "freeze": Freeze}
-FREEZE_BY = ("index", "substring")
+class AuthorsSeq(Freeze):
+    """SEQ as the authors' code ran it: their SEQ method kept a default freeze list ['layers.1'] that no
+    Biography config overrides, and from Task 1 on set that group's learning rate to 0. By substring this
+    freezes block 1 and blocks 10-19 (with 12 blocks: 1, 10 and 11), and not the embedding. Whether the
+    paper's SEQ and replay numbers carry this is unknown; this option measures what it changes."""
+    name = "seq-authors"
+    freeze_embedding = False
+
+    @dataclass
+    class Config:
+        pass
+
+    def patterns(self):
+        return ["layers.1"]
+
+    def frozen_blocks(self, n_blocks):
+        return [j for j in range(n_blocks) if "layers.1" in hf_block_name(j)]
+
+    def label(self):
+        return self.name
 
 
-def make_strategy(name, freeze_layers=0, freeze_by="index"):
+# -----------------------------------------------------------------------------------------------
+# Regularisation: EWC
+
+
+def answer_nll_grads(model, qa, batch_size, per_sample):
+    """Yield (gradients, n) over a QA set: per pair (n = 1) or per batch of the mean answer loss."""
+    rows = np.arange(len(qa))
+    size = 1 if per_sample else batch_size
+    for s in range(0, len(rows), size):
+        inputs, targets, mask = qa.batch(rows[s:s + size])
+        model.zero_grad(set_to_none=True)
+        _, loss = model(inputs, targets, loss_mask=mask)
+        loss.backward()
+        yield {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, len(inputs)
+    model.zero_grad(set_to_none=True)
+
+
+def diagonal_fisher(model, qa, batch_size=48, estimator="per-sample"):
+    """The diagonal of the empirical Fisher information of the answer log-likelihood on `qa`.
+
+    per-sample (correct): F = mean_i (d log p(answer_i) / d theta)^2, one gradient per QA pair.
+    authors: F = sum_batches B * (mean-over-batch gradient)^2 / N. Squaring a batch mean drops the
+    cross terms' cancellation, so this is (roughly) the per-sample Fisher shrunk by the batch size plus
+    the squared mean gradient; the paper's EWC numbers come from it.
+    (Per-pair loss = the mean over its answer tokens, the same loss the training step uses.)
+    """
+    fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    total = 0
+    for grads, n in answer_nll_grads(model, qa, batch_size, per_sample=estimator == "per-sample"):
+        for name, g in grads.items():
+            fisher[name] += n * g ** 2
+        total += n
+    return {name: f / total for name, f in fisher.items()}
+
+
+class EWC(Seq):
+    """Elastic weight consolidation (Kirkpatrick et al. 2017, PNAS): a quadratic pull towards the weights
+    that solved earlier tasks, each weight held as firmly as the Fisher information says it matters:
+
+        loss + (lambda / 2) sum_i F_i (theta_i - theta*_i)^2
+
+    theta* = the model at the end of the latest task. F = the diagonal Fisher of each finished task's
+    training QA at its end, averaged over tasks as the authors do: F <- (F_new + t F_old) / (t + 1).
+    The authors' lambda is 5000 with their estimator (`ewc_fisher=authors`), which comes out near the
+    per-sample Fisher / batch size (see diagonal_fisher): our default, 100 with the per-sample Fisher, is
+    about the same pull at batch 48.
+    """
+    name = "ewc"
+
+    @dataclass
+    class Config:
+        ewc_lambda: float = hp(100.0, "ewc: strength lambda of the penalty (the authors: 5000, with their Fisher)")
+        ewc_fisher: str = hp("per-sample", "ewc: Fisher estimator, per-sample (correct) or authors (squared"
+                                           " batch-mean gradients, as in the paper's code)")
+
+        def __post_init__(self):
+            if self.ewc_lambda < 0:
+                raise ValueError(f"--ewc-lambda {self.ewc_lambda}: expected 0 or more")
+            if self.ewc_fisher not in ("per-sample", "authors"):
+                raise ValueError(f"--ewc-fisher {self.ewc_fisher!r}: expected per-sample or authors")
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.fisher, self.anchor, self.tasks_seen = {}, {}, 0
+
+    def label(self):
+        c = self.config
+        return f"ewc{c.ewc_lambda:g}" + ("" if c.ewc_fisher == "per-sample" else "-authors")
+
+    def load_state(self, tensors, meta):
+        self.fisher = {k[len("fisher."):]: v for k, v in tensors.items() if k.startswith("fisher.")}
+        self.tasks_seen = meta["tasks_seen"]
+
+    def start(self, ctx):
+        super().start(ctx)
+        if ctx.task == 0:
+            return
+        finished = ctx.train[ctx.task - 1]  # the model we start from is that task's end
+        new = diagonal_fisher(ctx.model, finished, ctx.batch_size, self.config.ewc_fisher)
+        t = self.tasks_seen
+        self.fisher = {n: (f + t * self.fisher[n]) / (t + 1) if t else f for n, f in new.items()}
+        self.tasks_seen = t + 1
+        self.anchor = snapshot(ctx.model)
+
+    def penalty(self, model):
+        total = 0.0
+        for name, p in model.named_parameters():
+            if name in self.fisher:
+                total = total + (self.fisher[name] * (p - self.anchor[name]) ** 2).sum()
+        return 0.5 * self.config.ewc_lambda * total
+
+    def loss(self, ctx, batch, loss):
+        return loss + self.penalty(ctx.model) if self.anchor else loss
+
+    def state(self):
+        return {f"fisher.{n}": f for n, f in self.fisher.items()}, {"tasks_seen": self.tasks_seen}
+
+
+# -----------------------------------------------------------------------------------------------
+# Rehearsal: replay, LAMOL's generated replay, and the multi-task upper bound
+
+
+class Replay(Seq):
+    """Experience replay: after each task, a random `replay_fraction` of its training pairs joins a pooled
+    buffer; every batch of a later task is half new pairs, half pairs drawn from the buffer (24 + 24 at
+    batch 48, as in the authors' code), so an epoch of the new task takes twice the steps.
+    Ours draws each task's share without replacement (the authors drew with replacement)."""
+    name = "replay"
+
+    @dataclass
+    class Config:
+        replay_fraction: float = hp(0.2, "replay: share of each finished task's training pairs kept (the paper:"
+                                         " 0.1 and 0.2)")
+
+        def __post_init__(self):
+            if not 0 < self.replay_fraction <= 1:
+                raise ValueError(f"--replay-fraction {self.replay_fraction}: expected a share in (0, 1]")
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.buffer = np.zeros((0, 2), dtype=np.int64)  # rows of (task, pair index)
+
+    def label(self):
+        return f"replay{self.config.replay_fraction:g}"
+
+    def load_state(self, tensors, meta):
+        self.buffer = tensors["buffer"].numpy()
+
+    def start(self, ctx):
+        super().start(ctx)
+        if ctx.task == 0:
+            return
+        finished = ctx.task - 1
+        n = len(ctx.train[finished])
+        rng = np.random.default_rng([ctx.seed, 21, finished])
+        kept = np.sort(rng.choice(n, round(self.config.replay_fraction * n), replace=False))
+        self.buffer = np.concatenate([self.buffer, np.stack([np.full_like(kept, finished), kept], 1)])
+        # Old and new pairs as one set, so a mixed batch is a plain index list into it.
+        self.pool = ctx.join([ctx.train[ctx.task]] + [ctx.train[t].subset(self.buffer[self.buffer[:, 0] == t, 1])
+                                                      for t in range(ctx.task)])
+
+    def epoch(self, ctx, rng):
+        if ctx.task == 0:
+            return super().epoch(ctx, rng)
+        n_new, n_old, half = len(ctx.train[ctx.task]), len(self.buffer), ctx.batch_size // 2
+        order, batches = rng.permutation(n_new), []
+        for s in range(0, n_new, half):
+            new = order[s:s + half]
+            old = n_new + rng.choice(n_old, half, replace=n_old < half)
+            batches.append(self.pool.batch(np.concatenate([new, old])))
+        return batches
+
+    def state(self):
+        return {"buffer": torch.as_tensor(self.buffer)}, {}
+
+
+class MultiTask(Seq):
+    """Our upper bound (the authors have none): each new task trains on its own pairs and those of every
+    earlier task at once, shuffled together, starting from the shared Task-0 model."""
+    name = "multitask"
+
+    def start(self, ctx):
+        super().start(ctx)
+        self.pool = ctx.join(ctx.train[:ctx.task + 1])
+
+    def epoch(self, ctx, rng):
+        return ctx.batches(self.pool, ctx.batch_size, rng)
+
+
+class Lamol(Seq):
+    """LAMOL (Sun et al. 2020, ICLR): the model also learns to *generate* its training data, then replays
+    what it generates. Every batch of every task, Task 0 included, adds 0.25 x the language-model loss of
+    [gen] question answer [EOS]. Before each new task, the current model samples pseudo pairs of the old
+    tasks from the gen token alone (top-k 20), 20% of the new task's size split over the old tasks, keeps
+    those with 'Answer:' exactly once and an EOS, and they join the new task's training set.
+
+    lamol_token=shared (LAMOL_g): one generation token for every task; the authors used EOS, and so do we.
+    lamol_token=task (LAMOL_t): a marker per task, as in the original LAMOL_t (the authors' two configs both
+    used EOS and differed only in epochs). The original adds a new token per task; our word-level
+    vocabulary has none spare, and new tokens would change every token id and so every cached result, so
+    task k's marker is two tokens that never start a training sequence: EOS, then the number k + 1
+    (the vocabulary has ' 1' .. ' 28' from the birth days, and no ' 0').
+    """
+    name = "lamol"
+    changes_task0 = True
+
+    @dataclass
+    class Config:
+        lamol_token: str = hp("shared", "lamol: generation marker, shared (LAMOL_g: EOS for every task) or task"
+                                        " (LAMOL_t: EOS then ' k+1' for task k)")
+        lamol_gen_weight: float = hp(0.25, "lamol: weight of the generation loss")
+        lamol_sample_share: float = hp(0.2, "lamol: pseudo samples per new task, as a share of its size")
+        lamol_top_k: int = hp(20, "lamol: top-k of the sampling")
+
+        def __post_init__(self):
+            if self.lamol_token not in ("shared", "task"):
+                raise ValueError(f"--lamol-token {self.lamol_token!r}: expected shared or task")
+            if self.lamol_gen_weight < 0 or not 0 <= self.lamol_sample_share <= 10 or self.lamol_top_k < 1:
+                raise ValueError("--lamol-gen-weight, --lamol-sample-share, --lamol-top-k: expected >= 0, 0..10, >= 1")
+
+    def label(self):
+        c = self.config
+        return f"lamol-{'g' if c.lamol_token == 'shared' else 't'}"
+
+    def gen_prefix(self, tok, task):
+        """The tokens that ask the model to write a sample of `task`."""
+        return [tok.eos_id] + (tok.encode(f" {task + 1}") if self.config.lamol_token == "task" else [])
+
+    def start(self, ctx):
+        super().start(ctx)
+        self.quality, self.pool = {}, ctx.train[ctx.task]
+        if ctx.task == 0:
+            return
+        n_per_task = round(self.config.lamol_sample_share * len(ctx.train[ctx.task]) / ctx.task)
+        pseudo = []
+        for old in range(ctx.task):
+            prompts, answers, self.quality[old] = self.pseudo_samples(ctx, old, n_per_task)
+            if prompts:
+                pseudo.append(ctx.from_pairs(prompts, answers))
+        self.pool = ctx.join([ctx.train[ctx.task]] + pseudo)
+
+    @torch.no_grad()
+    def pseudo_samples(self, ctx, task, n):
+        """n sampled [gen] question answer [EOS] sequences, parsed into QA pairs, and their quality."""
+        tok = ctx.tok
+        generator = torch.Generator(device=next(ctx.model.parameters()).device).manual_seed(ctx.seed * 1000 + task)
+        was_training = ctx.model.training
+        ctx.model.eval()
+        max_len = ctx.train[task].tokens.shape[1]
+        samples = []
+        for s in range(0, n, 512):
+            samples += ctx.model.generate([self.gen_prefix(tok, task)] * min(512, n - s), max_len, eos_id=tok.eos_id,
+                                          pad_id=tok.pad_id, top_k=self.config.lamol_top_k, generator=generator)
+        ctx.model.train(was_training)
+        answer = tok.encode("\nAnswer:")  # where every QA prompt ends
+        real = set(zip(map(tuple, ctx.train[task].prompts), map(tuple, ctx.train[task].answers)))
+        real_prompts = {p for p, _ in real}
+        prompts, answers = [], []
+        for s in samples:
+            cuts = [i for i in range(len(s) - 1) if s[i:i + len(answer)] == answer]
+            if len(cuts) != 1 or s[-1] != tok.eos_id or cuts[0] + len(answer) >= len(s) - 1:
+                continue
+            prompts.append(s[:cuts[0] + len(answer)])
+            answers.append(s[cuts[0] + len(answer):])
+        pairs = list(zip(map(tuple, prompts), map(tuple, answers)))
+        quality = {"sampled": len(samples), "well_formed": len(pairs), "distinct": len(set(pairs)),
+                   "question_real": sum(p in real_prompts for p, _ in pairs),
+                   "question_and_answer_real": sum(pair in real for pair in pairs)}
+        return prompts, answers, quality
+
+    def epoch(self, ctx, rng):
+        return ctx.batches(self.pool, ctx.batch_size, rng)
+
+    def loss(self, ctx, batch, loss):
+        """Add the generation loss: the same pairs, as [gen] prompt answer EOS, every real token a target."""
+        inputs, targets, _ = batch
+        rows = torch.cat([inputs[:, :1], targets], dim=1)                        # (B, T) prompt answer EOS pad
+        prefix = torch.tensor(self.gen_prefix(ctx.tok, ctx.task), device=rows.device).expand(len(rows), -1)
+        seq = torch.cat([prefix, rows], dim=1)                                   # (B, P + T)
+        targets = seq[:, 1:]
+        is_sample = (targets != ctx.tok.pad_id) & (torch.arange(targets.shape[1], device=seq.device) >= len(prefix[0]) - 1)
+        _, gen_loss = ctx.model(seq[:, :-1], targets, loss_mask=is_sample)  # the marker itself is given, not learnt
+        return loss + self.config.lamol_gen_weight * gen_loss
+
+    def state(self):
+        return {}, {"pseudo_sample_quality": self.quality}
+
+
+# -----------------------------------------------------------------------------------------------
+# Editing the update: gradient projection, and task-vector arithmetic
+
+
+class GradientProjection(Seq):
+    """The authors' gradient projection: before each new task, estimate the direction that undoes the old
+    task's alignment, then keep every gradient from moving along it.
+
+    Direction: `gp_runs` preliminary runs of the new task from the start model (different shuffles);
+    d = the mean weight change between steps `gp_window` (the authors: 100-150 of 10 runs, the start of
+    the collapse); the model is restored. Each step, for each weight matrix, row by row:
+      authors (their 'Method 1 (best)'):  g_row -= d_row * cos(g_row, d_row)
+      exact:                               g_row -= d_row (g_row . d_row) / |d_row|^2
+    The authors' rule removes the component along d_row only when |d_row| = |g_row|. For 1-D parameters
+    (norms, biases) the whole vector is one row: authors g -= d (g . d) / |d|, exact as above.
+    """
+    name = "gradproj"
+
+    @dataclass
+    class Config:
+        gp_runs: int = hp(10, "gradproj: preliminary runs averaged into the direction")
+        gp_window: str = hp("10,50", "gradproj: first,last step of the update window (the authors: 100,150 of"
+                                     " 62,500 steps; ours: where the cpu preset's collapse happens)")
+        gp_rule: str = hp("authors", "gradproj: authors (g -= d cos(g, d)) or exact (remove g's component on d)")
+
+        def __post_init__(self):
+            try:
+                lo, hi = (int(s) for s in self.gp_window.split(","))
+                assert 0 <= lo < hi
+            except (ValueError, AssertionError):
+                raise ValueError(f"--gp-window {self.gp_window!r}: expected two steps like 10,50") from None
+            if self.gp_runs < 1 or self.gp_rule not in ("authors", "exact"):
+                raise ValueError("--gp-runs: expected >= 1; --gp-rule: expected authors or exact")
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.direction = {}
+
+    def label(self):
+        return "gradproj" + ("" if self.config.gp_rule == "authors" else "-exact")
+
+    def start(self, ctx):
+        super().start(ctx)
+        if ctx.task == 0:
+            return
+        lo, hi = (int(s) for s in self.config.gp_window.split(","))
+        total = {n: torch.zeros_like(p) for n, p in ctx.model.named_parameters()}
+        for run in range(self.config.gp_runs):
+            trial = copy.deepcopy(ctx.model)  # the model itself stays where the task starts
+            before = snapshot(trial) if lo == 0 else None
+            for step, _ in enumerate(ctx.fit(trial, ctx.train[ctx.task], [ctx.seed, 31, ctx.task, run]), start=1):
+                if step == lo:
+                    before = snapshot(trial)
+                if step == hi:
+                    break
+            for n, p in trial.named_parameters():
+                total[n] += (p.detach() - before[n]) / self.config.gp_runs
+        self.direction = total
+
+    @staticmethod
+    def project(g, d, rule):
+        """g with its rows' components along d's rows taken out (a 1-D tensor is one row)."""
+        g2, d2 = g.reshape(-1, g.shape[-1]) if g.dim() > 1 else g[None], d.reshape(-1, d.shape[-1]) if d.dim() > 1 else d[None]
+        dot = (g2 * d2).sum(-1, keepdim=True)                                    # (rows, 1)
+        d_norm = d2.norm(dim=-1, keepdim=True)
+        if rule == "exact":
+            coef = dot / d_norm.pow(2).clamp_min(1e-30)
+        elif g.dim() > 1:
+            coef = dot / (g2.norm(dim=-1, keepdim=True) * d_norm).clamp_min(1e-30)  # cos(g_row, d_row)
+        else:
+            coef = dot / d_norm.clamp_min(1e-30)
+        return (g2 - coef * d2).reshape(g.shape)
+
+    def after_backward(self, ctx):
+        if not self.direction:
+            return
+        for name, p in ctx.model.named_parameters():
+            if p.grad is not None:
+                p.grad.copy_(self.project(p.grad, self.direction[name], self.config.gp_rule))
+
+
+def task_vector_point(theta_e, theta_E, theta_0, alpha):
+    """theta_T1[e] - alpha (theta_T1[E] - theta_T0): take a scaled Task-1 vector back out of a Task-1 model."""
+    return {n: theta_e[n] - alpha * (theta_E[n] - theta_0[n]) for n in theta_e}
+
+
+class TaskVector(Seq):
+    """Task-vector arithmetic, the authors' construction (after Ilharco et al. 2023, ICLR, 'Editing models
+    with task arithmetic'): train the new task as SEQ, saving the model every `tv_every` epochs, then
+    search theta = theta_T1[e] - alpha (theta_T1[E] - theta_T0) over saved epochs e, E and alpha, with
+    theta_T0 the model the task started from. The chosen point, kept as the task's result, is the best
+    Task-0 exact match among points whose new-task exact match is >= `tv_min_new`; the whole grid goes to
+    task-vector.json. (The authors swept e in 0..24, E in 12..18, alpha 0.16..1.0; best e=24, E=18,
+    alpha=0.22: Task 1 95.77, Task 0 30.75.)"""
+    name = "taskvector"
+
+    @dataclass
+    class Config:
+        tv_every: int = hp(5, "taskvector: save the model every this many epochs")
+        tv_alphas: str = hp("0.1,0.2,0.3,0.5,0.7,1", "taskvector: the alphas to try")
+        tv_min_new: float = hp(0.95, "taskvector: the chosen point must keep the new task's exact match >= this")
+
+        def __post_init__(self):
+            try:
+                alphas = [float(a) for a in self.tv_alphas.split(",")]
+                assert alphas and all(a >= 0 for a in alphas)
+            except (ValueError, AssertionError):
+                raise ValueError(f"--tv-alphas {self.tv_alphas!r}: expected numbers like 0.1,0.5,1") from None
+            if self.tv_every < 1:
+                raise ValueError(f"--tv-every {self.tv_every}: expected >= 1")
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.grid, self.best = [], None
+
+    def label(self):
+        return self.name
+
+    def start(self, ctx):
+        super().start(ctx)
+        self.theta_0 = snapshot(ctx.model)
+
+    def checkpoint_steps(self, steps_per_epoch, total):
+        return set(range(steps_per_epoch * self.config.tv_every, total + 1, steps_per_epoch * self.config.tv_every))
+
+    def end(self, ctx):
+        if ctx.task == 0:
+            return
+        device = next(ctx.model.parameters()).device
+        weights = {step: snapshot(Transformer.from_pretrained(path).to(device))
+                   for step, path in ctx.checkpoints.items() if step > 0}
+        weights[ctx.step] = snapshot(ctx.model)  # the end of training, which may fall between saves
+        steps = sorted(weights)
+        probe = copy.deepcopy(ctx.model)
+
+        def move(model, e, E, alpha):
+            point = task_vector_point(weights[e], weights[E], self.theta_0, alpha)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(point[n])
+
+        self.grid, self.best = [], None
+        for e in steps[-3:]:  # late models, which know the new task; minus vectors from anywhere in the run
+            for E in steps[::2]:
+                for alpha in [float(a) for a in self.config.tv_alphas.split(",")]:
+                    move(probe, e, E, alpha)
+                    point = {"e_step": e, "E_step": E, "alpha": alpha, "task0_em": ctx.evaluate(probe, 0),
+                             "new_em": ctx.evaluate(probe, ctx.task)}
+                    self.grid.append(point)
+                    if point["new_em"] >= self.config.tv_min_new and (
+                            self.best is None or point["task0_em"] > self.best["task0_em"]):
+                        self.best = point
+        if self.best is not None:
+            move(ctx.model, self.best["e_step"], self.best["E_step"], self.best["alpha"])
+
+    def state(self):
+        return {}, {"grid": self.grid, "best": self.best}
+
+
+STRATEGIES = {s.name: s for s in (Seq, AuthorsSeq, Freeze, EWC, Replay, MultiTask, Lamol, GradientProjection,
+                                   TaskVector)}
+
+
+def config_fields():
+    """Every strategy's hyper-parameters, by name: (strategy name, dataclass field)."""
+    return {f.name: (name, f) for name, cls in STRATEGIES.items() for f in cls.Config.__dataclass_fields__.values()}
+
+
+def make_strategy(name, settings=None):
+    """The strategy `name`, configured from `settings` (a dict that may hold other strategies' fields too)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}")
-    return Freeze(freeze_layers, freeze_by) if name == "freeze" else STRATEGIES[name]()
+    cls = STRATEGIES[name]
+    own = {k: v for k, v in (settings or {}).items() if k in cls.Config.__dataclass_fields__}
+    return cls(cls.Config(**own))

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import math
 import platform
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 import data
 from model import ModelConfig, Transformer, read_safetensors, write_safetensors
-from strategies import FREEZE_BY, STRATEGIES, make_strategy
+from strategies import STRATEGIES, Context, Seq, config_fields, make_strategy
 
 
 def arg(default, help):
@@ -75,12 +76,9 @@ class TrainConfig:
     task0_epochs: int = arg(7, "passes over the Task-0 QA pairs (the paper: 10; ours peaks at 7, then overfits)")
     task_epochs: int = arg(60, "passes over each new task's QA pairs, unless --early-stop ends it sooner"
                                " (the paper: 25, and 50 for its freeze runs)")
-    # continual-learning strategy, from Task 1 on
+    # continual-learning strategy (strategies.py); its own hyper-parameters are flags too (see --help)
     strategy: str = arg("seq", f"one of {', '.join(STRATEGIES)}")
-    freeze_layers: int = arg(1, "freeze strategy: the embedding plus k bottom blocks are frozen")
-    freeze_by: str = arg("index", "freeze strategy: 'index' freezes blocks 0..k-1; 'substring' the authors'"
-                                  " effective set, block j frozen if the name 'layers.j' contains 'layers.i'"
-                                  " for some i < k (their 'bottom 7' of 12 also froze blocks 10 and 11)")
+    strategy_args: dict = field(default_factory=dict, metadata={"help": "strategy hyper-parameters by field name"})
     early_stop: float = arg(0.99, "stop a task once its exact match reaches this (0 = never); the paper's table"
                                   " stops at 0.99, its dense curves train to the end")
     # recovery probe: fine-tune a copy on the QA of all Task-0 training people, test on the Task-0 test people
@@ -107,15 +105,17 @@ PRESETS = {
     "tiny": dict(n_layer=2, d_model=32, n_head=2, d_ff=64, context=64,
                  pretrain_epochs=2, pretrain_batch=8, pretrain_warmup=2, ft_batch=16, task0_epochs=1,
                  task_epochs=2, recover_fraction=0.5, checkpoint_steps="0,2,4", eval_subset=48, dense_every=2,
-                 dense_until=6, sparse_every=4, state_every=3),
+                 dense_until=6, sparse_every=4, state_every=3,
+                 strategy_args=dict(gp_window="1,3", gp_runs=2, tv_every=1)),
     "cpu": dict(),
-    # The cpu data on a thin model twice as deep, for the freeze sweep over k = 0..8 (paper Fig. 7a). Not yet
-    # good enough for it: in 16 passes it memorises 0.64 of the biography values and extracts 0.20.
-    "deep": dict(data="cpu", n_layer=8, d_model=64, n_head=4, d_ff=256, dense_until=0),
+    # The cpu data on a thin model twice as deep, for the freeze sweep over k = 0..8 (paper Fig. 7a). A thin
+    # deep model learns slowly: 16 passes memorise 0.64 of the biography values, 32 passes 0.94.
+    "deep": dict(data="cpu", n_layer=8, d_model=64, n_head=4, d_ff=256, pretrain_epochs=32, dense_until=0),
     "paper": dict(n_layer=12, d_model=768, n_head=12, d_ff=3072,
                   context=512, pretrain_epochs=80, pretrain_batch=96, pretrain_lr=1e-3, pretrain_min_lr=1e-4,
                   pretrain_warmup=1000, ft_wd=0.01, ft_lr=5e-6, task0_epochs=10, task_epochs=25,
-                  early_stop=0.0, freeze_layers=7, eval_subset=3000, sparse_every=1000, state_every=1000),
+                  early_stop=0.0, eval_subset=3000, sparse_every=1000, state_every=1000,
+                  strategy_args=dict(freeze_layers=7, gp_window="100,150")),
 }
 # Settings that must be at least 1.
 POSITIVE = ("people", "task_size", "n_tasks", "n_layer", "d_model", "n_head", "d_ff", "context", "pretrain_epochs",
@@ -127,11 +127,9 @@ STAGE_FIELDS = {
     "pretrain": DATA_MODEL + ("pretrain_epochs", "pretrain_batch", "pretrain_lr", "pretrain_min_lr",
                               "pretrain_warmup", "pretrain_wd", "eval_subset"),
     "task0": ("ft_batch", "ft_wd", "ft_lr", "task0_epochs"),
-    "task": ("task_epochs", "strategy", "freeze_layers", "freeze_by", "early_stop", "checkpoint_steps",
-             "dense_every", "dense_until", "sparse_every"),
+    "task": ("task_epochs", "early_stop", "checkpoint_steps", "dense_every", "dense_until", "sparse_every"),
     "recover": ("recover_fraction",),
 }
-FREEZE_ONLY = ("freeze_layers", "freeze_by")  # settings that mean nothing to other strategies
 
 
 class UserError(Exception):
@@ -167,15 +165,41 @@ class QASet:
         return QASet(self.tokens[idx_t], self.loss_mask[idx_t], self.answer_first[idx_t], self.attribute[idx_t],
                      [self.prompts[i] for i in idx], [self.answers[i] for i in idx])
 
+    def batch(self, idx):
+        """The rows idx as one training batch (inputs, targets, loss_mask), trimmed of padding columns."""
+        idx = torch.as_tensor(idx, device=self.tokens.device)
+        width = int(self.loss_mask[idx].any(0).nonzero().max()) + 1
+        tokens, mask = self.tokens[idx, :width], self.loss_mask[idx, :width]
+        return tokens[:, :-1], tokens[:, 1:], mask[:, 1:]                  # (B, W-1) each
+
+    @staticmethod
+    def join(sets, pad_id):
+        """Several sets as one, right-padded to the widest."""
+        width = max(qa.tokens.shape[1] for qa in sets)
+        pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+        return QASet(torch.cat([pad(qa.tokens, pad_id) for qa in sets]), torch.cat([pad(qa.loss_mask, False) for qa in sets]),
+                     torch.cat([qa.answer_first for qa in sets]), torch.cat([qa.attribute for qa in sets]),
+                     [p for qa in sets for p in qa.prompts], [a for qa in sets for a in qa.answers])
+
+    @classmethod
+    def from_pairs(cls, prompts, answers, pad_id, device):
+        """QA pairs given as token lists (prompt ending at 'Answer:', answer ending with EOS), e.g. generated
+        ones; their attribute is unknown and set to 0."""
+        width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            tokens[i, :len(p) + len(a)] = torch.tensor(p + a)
+            mask[i, len(p):len(p) + len(a)] = True
+        first = torch.tensor([a[0] for a in answers])
+        return cls(tokens.to(device), mask.to(device), first.to(device), torch.zeros_like(first).to(device),
+                   [list(p) for p in prompts], [list(a) for a in answers])
+
 
 def qa_batches(qa: QASet, batch_size, rng):
     """One epoch of (inputs, targets, loss_mask) batches in a seeded random order."""
     order = rng.permutation(len(qa))
-    for start in range(0, len(order), batch_size):
-        idx = torch.as_tensor(order[start:start + batch_size], device=qa.tokens.device)
-        width = int(qa.loss_mask[idx].any(0).nonzero().max()) + 1  # trim the padding columns
-        tokens, mask = qa.tokens[idx, :width], qa.loss_mask[idx, :width]
-        yield tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+    return [qa.batch(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
 
 
 def pretrain_batches(entries, cfg, tok, rng, device):
@@ -257,13 +281,19 @@ def read_json(path):
         return json.load(f)
 
 
-def save_checkpoint(model, tok, path, info):
-    """An HF checkpoint directory plus tokenizer.json and training_state.json, appearing all at once."""
+def save_checkpoint(model, tok, path, info, strategy=None):
+    """An HF checkpoint directory plus tokenizer.json and training_state.json, appearing all at once; with
+    a strategy, also what it carries to the next task (strategy.safetensors + strategy.json)."""
     tmp = f"{path}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save(os.path.join(tmp, "tokenizer.json"))
     write_json(os.path.join(tmp, "training_state.json"), info)
+    if strategy is not None:
+        tensors, meta = strategy.state()
+        write_safetensors(os.path.join(tmp, "strategy.safetensors"), {k: v.cpu().contiguous() for k, v in tensors.items()})
+        write_json(os.path.join(tmp, "strategy.json"), {"strategy": strategy.name, "label": strategy.label(),
+                                                       "meta": meta})
     shutil.rmtree(path, ignore_errors=True)
     os.rename(tmp, path)
 
@@ -285,6 +315,21 @@ def load_checkpoint(path, device):
         return Transformer.from_pretrained(path).to(device)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"cannot load checkpoint: {e}") from None
+
+
+def load_strategy_state(strategy, checkpoint, device):
+    """Hand `strategy` what its run of the previous task left beside `checkpoint` (nothing if another
+    strategy, e.g. the shared SEQ Task 0, made it)."""
+    path = os.path.join(checkpoint, "strategy.json")
+    if not os.path.exists(path):
+        return
+    try:
+        saved = read_json(path)
+        if saved["strategy"] == strategy.name:
+            tensors = read_safetensors(os.path.join(checkpoint, "strategy.safetensors"))
+            strategy.load_state({k: v.to(device) for k, v in tensors.items()}, saved["meta"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read the strategy state in {checkpoint}: {e}") from None
 
 
 def save_state(model, opt, out, step, stopped):
@@ -340,7 +385,8 @@ class Phase:
     min_lr: float            # cosine floor; equal to lr for a constant schedule
     warmup: int
     weight_decay: float
-    strategy: object
+    strategy: object = field(default_factory=Seq)  # its per-step hooks (strategies.py); start/end run outside
+    ctx: Context = None                              # what the hooks see
     # name -> (model -> metrics, the steps to run it at); 'current' drives early stopping. All run at the end.
     evals: dict = field(default_factory=dict)
     early_stop: float = 0.0
@@ -360,13 +406,13 @@ def lr_at(step, phase):
 
 
 def train_loop(model, phase: Phase, out, cfg, tok, resume):
-    """Train one stage into `out`; returns (steps taken, stopped early?)."""
-    phase.strategy.before_task(model, phase.task)
+    """Train one stage into `out`; returns (steps taken, stopped early?). Parameters with requires_grad
+    False (a frozen strategy's) stay out of the optimizer, and so bit-identical."""
     params = [p for p in model.parameters() if p.requires_grad]
-    on_gpu = next(model.parameters()).is_cuda
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": phase.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
-    opt = torch.optim.AdamW(groups, lr=phase.lr, betas=(0.9, 0.98), eps=1e-6, fused=on_gpu)
+    opt = make_optimizer(params, lr=phase.lr, weight_decay=phase.weight_decay)
+    strategy, ctx = phase.strategy, phase.ctx
+    if ctx is not None:
+        ctx.optimizer = opt
     step, stopped = load_state(model, opt, out) if resume and os.path.exists(os.path.join(out, "state")) else (0, False)
     if step:
         print(f"  {phase.name}: resuming at step {step}")
@@ -385,7 +431,7 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
         return record
 
     def checkpoint():
-        save_checkpoint(model, tok, os.path.join(out, "ckpt", f"step-{step:07d}"), {"step": step, "task": phase.task})
+        save_checkpoint(model, tok, path=os.path.join(out, "ckpt", f"step-{step:07d}"), info={"step": step, "task": phase.task})
 
     eval_points = set().union(*(points for _, points in phase.evals.values()))
     if step == 0:
@@ -393,7 +439,7 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
             log({})
         if 0 in phase.save_steps:
             checkpoint()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if params[0].is_cuda else contextlib.nullcontext()
     bar = tqdm(total=phase.total, initial=step, desc=phase.name, leave=False, dynamic_ncols=True)
     batches = None
     while step < phase.total and not stopped:
@@ -405,13 +451,15 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
             group["lr"] = lr_at(step, phase)
         with autocast:
             _, loss = model(inputs, targets, loss_mask=mask)
-        loss = phase.strategy.loss(model, (inputs, targets, mask), loss)
+            loss = strategy.loss(ctx, (inputs, targets, mask), loss)
         loss.backward()
-        phase.strategy.after_backward(model)
+        strategy.after_backward(ctx)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        if ctx is not None:
+            ctx.step = step
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step in eval_points or step == phase.total:
@@ -420,11 +468,31 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
         if step in phase.save_steps:
             checkpoint()
         if step % cfg.state_every == 0 or step == phase.total or stopped:
-            save_state(model, opt, out, step, stopped)
+            save_state(model, opt, out=out, step=step, stopped=stopped)
     bar.close()
     metrics.close()
-    phase.strategy.after_task(model, phase.task)
     return step, stopped
+
+
+def make_optimizer(params, lr, weight_decay):
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=params[0].is_cuda)
+
+
+def fine_tuning_steps(model, qa, seed, cfg):
+    """Plain fine-tuning of `model` on `qa` with the stage's settings, one step per item, forever: the
+    preliminary runs some strategies make before a task (gradient projection)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, lr=cfg.ft_lr, weight_decay=cfg.ft_wd)
+    for epoch in itertools.count():
+        for inputs, targets, mask in qa_batches(qa, cfg.ft_batch, np.random.default_rng([*seed, epoch])):
+            _, loss = model(inputs, targets, loss_mask=mask)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            yield
 
 # -----------------------------------------------------------------------------------------------
 # Stages: pretrain -> task0 -> task1 .. taskK, and recover (which probes Task 1's checkpoints)
@@ -446,11 +514,13 @@ def stage_dir(cfg, stage):
         chain.append(s)
         s = previous_stage(cfg, s)
     fields = [f for s in reversed(chain) for f in STAGE_FIELDS[s if s in ("pretrain", "task0", "recover") else "task"]]
-    if cfg.strategy != "freeze":  # so that every SEQ run shares one key whatever the freeze flags say
-        fields = [f for f in fields if f not in FREEZE_ONLY]
     settings = {f: getattr(cfg, f) for f in dict.fromkeys(fields)} | {"vocabulary": vocabulary_digest()}
+    strategy = make_strategy(cfg.strategy, cfg.strategy_args)
+    uses_strategy = stage != "pretrain" and (stage != "task0" or strategy.changes_task0)
+    if uses_strategy:  # the method and every one of its hyper-parameters, defaults included
+        settings |= {"strategy": strategy.name, "strategy_config": dataclasses.asdict(strategy.config)}
+    label = f"{stage}-{strategy.label()}" if uses_strategy else stage
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    label = stage if stage in ("pretrain", "task0") else f"{stage}-{make_strategy(cfg.strategy, cfg.freeze_layers, cfg.freeze_by).describe()}"
     return os.path.join(cfg.runs, cfg.preset, f"{label}-{digest}"), settings
 
 
@@ -535,9 +605,9 @@ class Experiment:
         phase = Phase("pretrain", task=-1, total=c.pretrain_epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
                       make_epoch=lambda rng: pretrain_batches(entries, c, self.tok, rng, self.device),
                       lr=c.pretrain_lr, min_lr=c.pretrain_min_lr, warmup=c.pretrain_warmup,
-                      weight_decay=c.pretrain_wd, strategy=make_strategy("seq"),
+                      weight_decay=c.pretrain_wd,
                       evals={"bio": (self.bio_probe(), every_epoch(c.pretrain_epochs, steps_per_epoch, every=4))})
-        train_loop(model, phase, out, c, self.tok, resume)
+        train_loop(model, phase, out=out, cfg=c, tok=self.tok, resume=resume)
         save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": "pretrain", "step": phase.total})
         result = read_metrics(out)[-1]["bio"]  # the probe the loop ran at its last step
         print(f"  pretraining done: biography attribute first-token accuracy {result['first_token']:.3f}")
@@ -553,13 +623,18 @@ class Experiment:
         return lambda model: evaluate(model, qa, self.tok, exact_match=False)
 
     def task(self, stage, out, prev_dir, resume):
+        """Task 0 (QA of half the pretraining people) or a new task k, through the strategy's hooks."""
         c, k = self.cfg, int(stage[4:])
         model = load_checkpoint(os.path.join(prev_dir, "final"), self.device)
-        train_qa = self.qa_set("task0_train" if k == 0 else stage)
+        strategy = make_strategy(c.strategy, c.strategy_args)
+        if k == 0 and not strategy.changes_task0:
+            strategy = Seq()  # so that every method starts from one shared Task-0 run
+        load_strategy_state(strategy, os.path.join(prev_dir, "final"), self.device)
+        ctx = self.context(model, task=k, out=out)
+        strategy.start(ctx)
+        ctx.steps_per_epoch = steps_per_epoch = len(strategy.epoch(ctx, np.random.default_rng(0)))
         epochs = c.task0_epochs if k == 0 else c.task_epochs
-        steps_per_epoch = math.ceil(len(train_qa) / c.ft_batch)
         total = epochs * steps_per_epoch
-        strategy = make_strategy(c.strategy, c.freeze_layers, c.freeze_by) if k else make_strategy("seq")
         if k == 0:  # once an epoch
             evals = {"task0": (self.eval_fn("task0_test"), every_epoch(epochs, steps_per_epoch))}
         else:  # Task 0 densely on a fixed subset, as the forgetting happens early; the new task, which is
@@ -568,22 +643,37 @@ class Experiment:
             dense = set(range(0, min(total, c.dense_until) + 1, c.dense_every)) | sparse
             evals = {"task0": (self.eval_fn("task0_test"), dense),
                      "current": (self.eval_fn(stage, full=c.early_stop > 0), sparse)}
+        save_steps = {int(s) for s in c.checkpoint_steps.split(",")} if k == 1 else set()
         # One constant learning rate for every fine-tuning stage, as in the paper: a larger one for the new
         # tasks would move the weights further than Task 0 did and mix real forgetting into the spurious kind.
         phase = Phase(stage, task=k, total=total, steps_per_epoch=steps_per_epoch,
-                      make_epoch=lambda rng: qa_batches(train_qa, c.ft_batch, rng), lr=c.ft_lr, min_lr=c.ft_lr,
-                      warmup=0, weight_decay=c.ft_wd, strategy=strategy, evals=evals,
+                      make_epoch=lambda rng: strategy.epoch(ctx, rng), lr=c.ft_lr, min_lr=c.ft_lr, warmup=0,
+                      weight_decay=c.ft_wd, strategy=strategy, ctx=ctx, evals=evals,
                       early_stop=c.early_stop if k else 0.0,
-                      save_steps={int(s) for s in c.checkpoint_steps.split(",")} if k == 1 else set())
-        steps, stopped = train_loop(model, phase, out, c, self.tok, resume)
-        save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": stage, "step": steps})
+                      save_steps=save_steps | strategy.checkpoint_steps(steps_per_epoch, total))
+        steps, stopped = train_loop(model, phase, out=out, cfg=c, tok=self.tok, resume=resume)
+        ckpt_dir = os.path.join(out, "ckpt")
+        ctx.checkpoints = {int(name[5:]): os.path.join(ckpt_dir, name) for name in sorted(os.listdir(ckpt_dir))
+                           if not name.endswith(".tmp")} if os.path.isdir(ckpt_dir) else {}
+        strategy.end(ctx)
+        save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": stage, "step": steps}, strategy=strategy)
         # Full evaluation on every task so far: row k of the accuracy matrix R.
         row = {"task0": evaluate(model, self.qa_set("task0_test"), self.tok)}
         row |= {f"task{j}": evaluate(model, self.qa_set(f"task{j}"), self.tok) for j in range(1, k + 1)}
         print(f"  {stage} done after {steps} steps{' (early stop)' if stopped else ''}: "
               + ", ".join(f"{name} EM {r['em']:.3f}" for name, r in row.items()))
-        return {"steps": steps, "stopped_early": stopped, "strategy": strategy.describe(), "results": row,
-                "accuracy_row": [r["em"] for r in row.values()]}
+        return {"steps": steps, "stopped_early": stopped, "strategy": strategy.label(), "results": row,
+                "accuracy_row": [r["em"] for r in row.values()], "strategy_state": strategy.state()[1]}
+
+    def context(self, model, task, out):
+        """What the strategy's hooks see of this experiment (strategies.Context)."""
+        c, tok = self.cfg, self.tok
+        return Context(model=model, task=task, tok=tok, out=out, seed=c.seed, batch_size=c.ft_batch,
+                       train=[self.qa_set("task0_train")] + [self.qa_set(f"task{j}") for j in range(1, task + 1)],
+                       batches=qa_batches, join=lambda sets: QASet.join(sets, tok.pad_id),
+                       from_pairs=lambda prompts, answers: QASet.from_pairs(prompts, answers, tok.pad_id, self.device),
+                       fit=lambda m, qa, seed: fine_tuning_steps(m, qa, seed, c),
+                       evaluate=lambda m, j: self.eval_fn("task0_test" if j == 0 else f"task{j}")(m)["em"])
 
     def recover(self, stage, out, last_task_dir, resume):
         """The recovery probe (the paper's): a copy of a checkpoint is fine-tuned on the QA of *all* Task-0
@@ -616,9 +706,9 @@ class Experiment:
             phase = Phase(f"recover {name}", task=0, total=probe_steps,
                           steps_per_epoch=math.ceil(len(train_qa) / c.ft_batch),
                           make_epoch=lambda rng: qa_batches(train_qa, c.ft_batch, rng), lr=c.ft_lr, min_lr=c.ft_lr,
-                          warmup=0, weight_decay=c.ft_wd, strategy=make_strategy("seq"))
+                          warmup=0, weight_decay=c.ft_wd)
             os.makedirs(probe_dir, exist_ok=True)
-            train_loop(model, phase, probe_dir, c, self.tok, resume)
+            train_loop(model, phase, out=probe_dir, cfg=c, tok=self.tok, resume=resume)
             after = test(model)
             rows.append({"checkpoint": name, "task1_step": task1_step, "task0_em_before": before["em"],
                          "task0_em_after": after["em"], "before": before, "after": after})
@@ -762,6 +852,7 @@ def headline(cfg, seeds, resume):
         Experiment(seq_cfg).run("recover", resume)
         Experiment(freeze_cfg).run("task1", resume)
         per_seed.append(headline_numbers(seq_cfg, freeze_cfg))
+    freeze = make_strategy("freeze", cfg.strategy_args).config
     stats = {k: {"mean": float(np.mean([r[k] for r in per_seed])),
                  "std": float(np.std([r[k] for r in per_seed], ddof=1)) if len(seeds) > 1 else 0.0}
              for k in per_seed[0]}
@@ -773,9 +864,9 @@ def headline(cfg, seeds, resume):
               "probe_ceiling": "recovery-probe ceiling: best probe of the pretrained and Task-0 models",
               "recovered_share_early": "recovered / ceiling, probes in steps 1-150 (mean)",
               "recovered_share_end": "recovered / ceiling, probe of the final SEQ model",
-              "freeze_task0_end": f"freeze {cfg.freeze_layers} ({cfg.freeze_by}): Task-0 EM at early stop",
-              "freeze_task1_end": f"freeze {cfg.freeze_layers}: Task-1 EM at the end",
-              "freeze_steps": f"freeze {cfg.freeze_layers}: Task-1 steps"}
+              "freeze_task0_end": f"freeze {freeze.freeze_layers} ({freeze.freeze_by}): Task-0 EM at early stop",
+              "freeze_task1_end": f"freeze {freeze.freeze_layers}: Task-1 EM at the end",
+              "freeze_steps": f"freeze {freeze.freeze_layers}: Task-1 steps"}
     lines = [f"| finding | paper | ours: mean +- std | seeds {', '.join(map(str, seeds))} |", "|---|---|---|---|"]
     for k, s in stats.items():
         scale = 100 if k in PAPER and not k.startswith("recovered") else 1  # the paper gives percentages
@@ -796,7 +887,8 @@ def freeze_sweep(cfg, resume):
     """Task 1 with the embedding and k = 0..L bottom blocks frozen, and SEQ: final Task-0 and Task-1
     exact match against k, one plot (paper Fig. 7a)."""
     runs = [("seq", dataclasses.replace(cfg, strategy="seq"))]
-    runs += [(k, dataclasses.replace(cfg, strategy="freeze", freeze_layers=k)) for k in range(cfg.n_layer + 1)]
+    runs += [(k, dataclasses.replace(cfg, strategy="freeze", strategy_args=cfg.strategy_args | {"freeze_layers": k}))
+             for k in range(cfg.n_layer + 1)]
     rows = []
     for k, run_cfg in runs:
         summary = read_json(os.path.join(Experiment(run_cfg).run("task1", resume), "summary.json"))
@@ -816,7 +908,8 @@ def freeze_sweep(cfg, resume):
     ax.plot(x, [r["task0_em"] for r in rows], "o-", label="Task 0 (test people)")
     ax.plot(x, [r["task1_em"] for r in rows], "s-", label="Task 1")
     ax.set_xticks(x, ["SEQ"] + [str(k) for k in x[1:]])
-    ax.set(xlabel=f"blocks frozen with the embedding ({cfg.freeze_by}; SEQ freezes nothing)", ylabel="exact match",
+    freeze_by = make_strategy("freeze", cfg.strategy_args).config.freeze_by
+    ax.set(xlabel=f"blocks frozen with the embedding ({freeze_by}; SEQ freezes nothing)", ylabel="exact match",
            ylim=(-0.02, 1.02), title=f"{cfg.preset}: freezing the bottom blocks, early stop {cfg.early_stop:g}")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -824,37 +917,135 @@ def freeze_sweep(cfg, resume):
     return root
 
 
-COMMANDS = ("headline", "freeze-sweep")  # runs over several configurations, beside the single stages
+# -----------------------------------------------------------------------------------------------
+# The paper's Table 1: every method from the same cached Task-0 model
+
+# (row, strategy, its hyper-parameters, the paper's Task-0 EM after Task 1 in %). The paper reports EWC,
+# LAMOL, task vectors and gradient projection together: "from 11% to at most 22%".
+TABLE = [
+    ("SEQ", "seq", {}, "11.18"),
+    ("SEQ with the authors' hidden freeze ('layers.1')", "seq-authors", {}, "-"),
+    ("EWC, per-sample Fisher, lambda 1", "ewc", {"ewc_lambda": 1.0}, "<= 22"),
+    ("EWC, per-sample Fisher, lambda 10", "ewc", {"ewc_lambda": 10.0}, "<= 22"),
+    ("EWC, per-sample Fisher, lambda 100", "ewc", {"ewc_lambda": 100.0}, "<= 22"),
+    ("EWC, the authors' Fisher, lambda 5000", "ewc", {"ewc_lambda": 5000.0, "ewc_fisher": "authors"}, "<= 22"),
+    ("LAMOL_g (shared generation token)", "lamol", {"lamol_token": "shared"}, "<= 22"),
+    ("LAMOL_t (a token per task)", "lamol", {"lamol_token": "task"}, "<= 22"),
+    ("Task vector (best point with Task 1 >= 0.95)", "taskvector", {}, "<= 22; 30.75 (T1 95.76)"),
+    ("Gradient projection (the authors' rule)", "gradproj", {}, "<= 22"),
+    ("Replay 10%", "replay", {"replay_fraction": 0.1}, "-"),
+    ("Replay 20%", "replay", {"replay_fraction": 0.2}, "76.93"),
+    ("Freeze the embedding + bottom blocks", "freeze", {}, "44.22 (7 of 12)"),
+    ("Multi-task: Task 0 + Task 1 jointly (upper bound)", "multitask", {}, "-"),
+]
+
+
+def table(cfg, resume):
+    """Run every method of TABLE on Task 1 (each cached and resumable), then write table.md/.json and a bar plot."""
+    rows = []
+    for label, name, settings, paper in TABLE:
+        run_cfg = dataclasses.replace(cfg, strategy=name, strategy_args=cfg.strategy_args | settings)
+        print(f"\n=== {label}")
+        run_dir = Experiment(run_cfg).run("task1", resume)
+        summary = read_json(os.path.join(run_dir, "summary.json"))
+        seconds = summary["seconds"]
+        if make_strategy(name, run_cfg.strategy_args).changes_task0:  # its own Task 0 counts too
+            seconds += read_json(os.path.join(stage_dir(run_cfg, "task0")[0], "summary.json"))["seconds"]
+        rows.append({"method": label, "strategy": summary["strategy"], "paper_task0": paper,
+                     "task0_em": summary["results"]["task0"]["em"], "task1_em": summary["results"]["task1"]["em"],
+                     "steps": summary["steps"], "stopped_early": summary["stopped_early"], "seconds": seconds,
+                     "run": os.path.basename(run_dir), "strategy_state": summary["strategy_state"]})
+    lines = ["| method | paper: Task 0 (%) | Task 0 EM | Task 1 EM | steps | seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['paper_task0']} | {r['task0_em']:.3f} | {r['task1_em']:.3f} | {r['steps']}"
+              f"{'' if r['stopped_early'] else ' (no early stop)'} | {r['seconds']:.0f} |" for r in rows]
+    text = "\n".join(lines)
+    root = os.path.join(cfg.runs, cfg.preset)
+    write_json(os.path.join(root, "table.json"), {"rows": rows, "settings": dataclasses.asdict(cfg), **environment()})
+    write_text(os.path.join(root, "table.md"), text + "\n")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    y = np.arange(len(rows))
+    ax.barh(y - 0.2, [r["task0_em"] for r in rows], height=0.4, label="Task 0 (test people)")
+    ax.barh(y + 0.2, [r["task1_em"] for r in rows], height=0.4, label="Task 1")
+    ax.set_yticks(y, [r["method"] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="exact match after Task 1", xlim=(0, 1), title=f"{cfg.preset}: continual-learning methods")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(loc="lower right", fontsize=8)
+    save_figure(fig, os.path.join(root, "table.png"))
+    tv = next((r for r in rows if r["strategy"] == "taskvector"), None)
+    if tv and tv["strategy_state"]["grid"]:
+        plot_task_vector(tv["strategy_state"], os.path.join(root, "task-vector.png"))
+    print(f"\n{text}\n\nwritten to {root}/table.md, table.json, table.png")
+    return root
+
+
+def plot_task_vector(state, path):
+    """The task-vector sweep's trade-off: Task-0 against Task-1 exact match, one point per (e, E, alpha)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    grid = state["grid"]
+    points = ax.scatter([p["new_em"] for p in grid], [p["task0_em"] for p in grid], c=[p["alpha"] for p in grid],
+                        s=12, cmap="viridis")
+    fig.colorbar(points, label="alpha")
+    if state["best"]:
+        ax.plot(state["best"]["new_em"], state["best"]["task0_em"], "r*", ms=12, label="chosen")
+        ax.legend()
+    ax.set(xlabel="Task 1 EM (subset)", ylabel="Task 0 EM (subset)", title="theta_T1[e] - alpha (theta_T1[E] - theta_T0)")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+COMMANDS = ("headline", "freeze-sweep", "table")  # runs over several configurations, beside the single stages
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", default="recover",
                         help="stage to reach: pretrain, task0, task1..taskK, or recover (default: recover); or"
-                             " headline (SEQ + recovery probe and freeze, for each of --seeds, then mean +- std)"
-                             " or freeze-sweep (Task 1 with k = 0..n_layer blocks frozen, and SEQ)")
+                             " headline (SEQ + recovery probe and freeze, for each of --seeds, then mean +- std),"
+                             " freeze-sweep (Task 1 with k = 0..n_layer blocks frozen, and SEQ) or table (every"
+                             " method of the paper's Table 1 on Task 1)")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of --stage headline (default: 0,1,2)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted stages from their last saved state")
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=None,
-                            help=f"{f.metadata['help']} (cpu preset: {default})")
+    config_flags = [f for f in dataclasses.fields(TrainConfig) if f.name != "strategy_args"]
+    for f in config_flags:
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                            help=f"{f.metadata['help']} (cpu preset: {f.default})")
+    strategy_flags = config_fields()
+    group = parser.add_argument_group("strategy hyper-parameters (each applies to its own strategy)")
+    for name, (_, f) in strategy_flags.items():
+        group.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=None,
+                           help=f"{f.metadata['help']} (default: {f.default})")
     args = parser.parse_args(argv)
     preset = args.preset or "cpu"
     if preset not in PRESETS:
         parser.error(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    overrides = {f.name: getattr(args, f.name) for f in config_flags if getattr(args, f.name) is not None}
+    given = {name: getattr(args, name) for name in strategy_flags if getattr(args, name) is not None}
     preset_settings = dict(PRESETS[preset])
     sizes = data.PRESETS[preset_settings.pop("data", preset)]
     base = dict(people=sizes.n_people, task_size=sizes.task_size, n_tasks=sizes.n_tasks,
                 name_pools=",".join(map(str, sizes.name_pools))) | preset_settings
     cfg = TrainConfig(**(base | overrides | {"preset": preset}))
+    cfg.strategy_args = dict(cfg.strategy_args) | given
     if cfg.strategy not in STRATEGIES:
         parser.error(f"--strategy {cfg.strategy!r}: expected one of {', '.join(STRATEGIES)}")
-    if not 0 <= cfg.freeze_layers <= cfg.n_layer:
-        parser.error(f"--freeze-layers {cfg.freeze_layers}: expected 0..{cfg.n_layer} (the model has {cfg.n_layer} blocks)")
-    if cfg.freeze_by not in FREEZE_BY:
-        parser.error(f"--freeze-by {cfg.freeze_by!r}: expected one of {', '.join(FREEZE_BY)}")
+    if args.stage not in COMMANDS:  # a single run: its flags must be its strategy's
+        for name in given:
+            owner = strategy_flags[name][0]
+            if owner != cfg.strategy:
+                parser.error(f"--{name.replace('_', '-')} is a setting of --strategy {owner}, not {cfg.strategy}")
+    try:
+        for name in STRATEGIES:  # every strategy's settings checked, as the table and sweeps use them all
+            make_strategy(name, cfg.strategy_args)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+    if not 0 <= cfg.strategy_args.get("freeze_layers", 0) <= cfg.n_layer:
+        parser.error(f"--freeze-layers {cfg.strategy_args['freeze_layers']}: expected 0..{cfg.n_layer} (the model has"
+                     f" {cfg.n_layer} blocks)")
+    if cfg.n_tasks > 27 and cfg.strategy_args.get("lamol_token") == "task":
+        parser.error(f"--lamol-token task: markers ' 1' .. ' 28' cover 28 tasks, not {cfg.n_tasks + 1}")
     for name in POSITIVE:
         if getattr(cfg, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive number")
@@ -884,6 +1075,8 @@ def main(argv=None):
         return headline(cfg, seeds, resume)
     if stage == "freeze-sweep":
         return freeze_sweep(cfg, resume)
+    if stage == "table":
+        return table(cfg, resume)
     if resume and not os.path.exists(stage_dir(cfg, "pretrain")[0]):
         raise UserError(f"--resume: nothing to resume under {os.path.join(cfg.runs, cfg.preset)} for these settings")
     exp = Experiment(cfg)

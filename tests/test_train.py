@@ -3,6 +3,7 @@ import glob
 import json
 import math
 import os
+import types
 
 import dataclasses
 
@@ -128,15 +129,21 @@ def test_cl_metrics_on_a_hand_computed_matrix():
     (["--stage", "task9"], "--stage 'task9'"),
     (["--strategy", "ewc2"], "--strategy 'ewc2'"),
     (["--preset", "huge"], "--preset 'huge'"),
-    (["--freeze-layers", "3"], "--freeze-layers 3: expected 0..2"),
-    (["--freeze-layers", "-1"], "--freeze-layers -1"),
+    (["--strategy", "freeze", "--freeze-layers", "3"], "--freeze-layers 3: expected 0..2"),
+    (["--strategy", "freeze", "--freeze-layers", "-1"], "--freeze-layers -1"),
+    (["--freeze-layers", "1"], "--freeze-layers is a setting of --strategy freeze, not seq"),
+    (["--strategy", "ewc", "--ewc-fisher", "exact"], "--ewc-fisher 'exact'"),
+    (["--strategy", "replay", "--replay-fraction", "0"], "--replay-fraction 0.0"),
+    (["--strategy", "gradproj", "--gp-window", "50,10"], "--gp-window '50,10'"),
+    (["--strategy", "taskvector", "--tv-alphas", "a"], "--tv-alphas 'a'"),
+    (["--strategy", "lamol", "--lamol-token", "x"], "--lamol-token 'x'"),
     (["--pretrain-lr", "fast"], "--pretrain-lr"),
     (["--state-every", "0"], "--state-every 0: expected a positive number"),
     (["--n-tasks", "0"], "--n-tasks 0"),
     (["--checkpoint-steps", "0,10,"], "--checkpoint-steps '0,10,'"),
     (["--people", "1"], "n_people"),
     (["--ft-lr", "0"], "--ft-lr 0.0: expected a positive number"),
-    (["--freeze-by", "name"], "--freeze-by 'name'"),
+    (["--strategy", "freeze", "--freeze-by", "name"], "--freeze-by 'name'"),
     (["--name-pools", "2,2,2"], "name triples"),
     (["--name-pools", "5,5"], "--name-pools '5,5'"),
     (["--seeds", "0,x"], "--seeds '0,x'"),
@@ -173,12 +180,30 @@ def test_presets_take_their_data_sizes_from_data_py():
         (train.data.PRESETS["cpu"].n_people, train.data.PRESETS["cpu"].task_size, train.data.PRESETS["cpu"].n_tasks)
 
 
-def test_seq_runs_ignore_the_freeze_layer_count():
-    a = train.parse_args(["--preset", "tiny", "--freeze-layers", "1"])[0]
-    b = train.parse_args(["--preset", "tiny", "--freeze-layers", "2"])[0]
-    assert train.stage_dir(a, "task1") == train.stage_dir(b, "task1")
-    c = train.parse_args(["--preset", "tiny", "--strategy", "freeze", "--freeze-layers", "1"])[0]
-    assert train.stage_dir(a, "task1")[0] != train.stage_dir(c, "task1")[0]
+def another_value(value):
+    """A valid setting other than `value`, for the hyper-parameters the strategies declare."""
+    if isinstance(value, str):
+        swaps = {"index": "substring", "per-sample": "authors", "authors": "exact", "shared": "task"}
+        return swaps.get(value, value + ",2" if value.count(",") > 1 else "1,2")
+    return value + 1 if isinstance(value, int) else value / 2
+
+
+def test_cache_key_holds_every_hyper_parameter_of_the_strategy_and_no_other():
+    seq = train.parse_args(["--preset", "tiny"])[0]
+    other = dataclasses.replace(seq, strategy_args=seq.strategy_args | {"freeze_layers": 2, "ewc_lambda": 1.0})
+    assert train.stage_dir(seq, "task1") == train.stage_dir(other, "task1")  # not SEQ's settings
+    assert train.stage_dir(seq, "task0") == train.stage_dir(dataclasses.replace(seq, strategy="ewc"), "task0")  # shared
+    for name, cls in strategies.STRATEGIES.items():
+        cfg = dataclasses.replace(seq, strategy=name)
+        base = train.stage_dir(cfg, "task1")[0]
+        assert base != train.stage_dir(seq, "task1")[0] or name == "seq"
+        for f in dataclasses.fields(cls.Config):
+            changed = another_value(f.default)
+            changed_cfg = dataclasses.replace(cfg, strategy_args=cfg.strategy_args | {f.name: changed})
+            assert train.stage_dir(changed_cfg, "task1")[0] != base, f.name
+            assert train.stage_dir(changed_cfg, "task2")[0] != train.stage_dir(cfg, "task2")[0], f.name
+    lamol = dataclasses.replace(seq, strategy="lamol")  # LAMOL trains Task 0 its own way: its own Task-0 run
+    assert train.stage_dir(lamol, "task0")[0] != train.stage_dir(seq, "task0")[0]
 
 
 def test_one_learning_rate_for_every_fine_tuning_stage(runs):
@@ -221,15 +246,17 @@ def test_recovery_probe_trains_on_exactly_the_task0_training_people(runs, monkey
 def test_authors_freeze_set_is_their_substring_rule_on_12_layers():
     model = Transformer(ModelConfig(model_type="gpt_neox", vocab_size=16, n_layer=12, n_head=1, d_model=8, d_ff=8,
                                     max_seq_len=8))
-    strategy = strategies.make_strategy("freeze", 7, "substring")
+    strategy = strategies.make_strategy("freeze", {"freeze_layers": 7, "freeze_by": "substring"})
     assert strategy.frozen_blocks(12) == [0, 1, 2, 3, 4, 5, 6, 10, 11]
-    strategy.before_task(model, 1)
+    strategy.start(types.SimpleNamespace(model=model, task=1))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     frozen_hf = {hf for names, hf, _ in key_plan(model) if not set(names) & trainable}
     # their rule, applied to the HF parameter names: the embedding, and every name containing 'layers.i', i < 7
     expected = {hf for _, hf, _ in key_plan(model) if "embed_in" in hf or any(f"layers.{i}" in hf for i in range(7))}
     assert frozen_hf == expected
-    assert strategies.make_strategy("freeze", 7).frozen_blocks(12) == list(range(7))  # exact index: the default
+    assert strategies.make_strategy("freeze", {"freeze_layers": 7}).frozen_blocks(12) == list(range(7))  # the default
+    authors_seq = strategies.make_strategy("seq-authors")  # their SEQ's hidden 'layers.1' group
+    assert authors_seq.frozen_blocks(12) == [1, 10, 11] and not authors_seq.freeze_embedding
 
 
 def test_headline_and_freeze_sweep_read_their_runs(runs):
