@@ -7,9 +7,11 @@ shards listed in `model.safetensors.index.json`), parsed and written here by han
 
 Read top to bottom: config -> layers -> model -> safetensors I/O -> HF key tables -> load/save.
 """
+import contextlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +46,21 @@ class ModelConfig:
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
-        self.head_dim = self.head_dim or self.d_model // self.n_head
+        self.head_dim = self.head_dim or (self.d_model // self.n_head if type(self.n_head) is int and self.n_head > 0 else None)
+        for field, limit in SIZE_LIMITS.items():  # bounded before anything is built from them
+            value = getattr(self, field)
+            if type(value) is not int or not 1 <= value <= limit:
+                raise ValueError(f"ModelConfig.{field}={value!r}: expected an integer in 1..{limit}")
+        for field, (low, high) in FLOAT_RANGES.items():
+            value = getattr(self, field)
+            if type(value) not in (int, float) or not low <= value <= high:  # NaN fails too
+                raise ValueError(f"ModelConfig.{field}={value!r}: expected a number in [{low}, {high}]")
+        for field in ("parallel_residual", "attn_bias", "mlp_bias", "tie_embeddings"):
+            if type(getattr(self, field)) is not bool:
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: expected true or false")
+        if self.rotary_dim % 2:
+            raise ValueError(f"ModelConfig.rotary_pct={self.rotary_pct}: rotates {self.rotary_dim} of {self.head_dim}"
+                             " dims per head; rotary embeddings need an even number")
         for field, allowed in [("model_type", FAMILIES), ("norm", ("layernorm", "rmsnorm")),
                                ("position", ("rotary", "learned")), ("mlp", ("gelu", "gelu_tanh", "swiglu"))]:
             if getattr(self, field) not in allowed:
@@ -58,11 +74,25 @@ class ModelConfig:
 
 
 FAMILIES = ("gpt_neox", "llama", "gpt2")
+# Upper bounds on every size, far above any model this code is for, so that a damaged config.json cannot
+# make the loader try to build a model of 10^9 layers; the checkpoint's own tensors are checked next.
+SIZE_LIMITS = dict(vocab_size=2**21, n_layer=512, n_head=1024, n_kv_head=1024, d_model=2**16, d_ff=2**18,
+                   head_dim=2**12, max_seq_len=2**21)
+FLOAT_RANGES = dict(norm_eps=(0.0, 1.0), rotary_pct=(0.0, 1.0), rope_theta=(1e-6, 1e12))
 GELU_NAMES = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from an HF config dict, reading both the transformers 4.x and 5.x spellings."""
+    try:
+        return _config_from_hf(hf, source)
+    except (TypeError, AttributeError) as e:  # a field of the wrong JSON type, e.g. a list for a number
+        raise ValueError(f"{source}: a field has the wrong type ({e})") from None
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
+
+
+def _config_from_hf(hf: dict, source: str) -> ModelConfig:
     def bad(field, why):
         return ValueError(f"{source}: field '{field}' {why}")
 
@@ -391,8 +421,40 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 2**20
 
 
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Open a temporary file beside `path` for writing; when the block ends without error, one rename puts it
+    in place of `path`. A reader, or a run killed at any moment, sees the old file or the new one, never half
+    of one; on an error (a full disk) the temporary file is removed and the old file is left as it was."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes private files; these are ordinary outputs
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def read_safetensors(path) -> dict:
     """Read every tensor of one .safetensors file, checking the header against the file first."""
+    header, data_start = read_safetensors_header(path)
+    tensors = {}
+    with open(path, "rb") as f:
+        for name, (dtype, shape, begin, end) in sorted(header.items(), key=lambda kv: kv[1][2]):
+            buf = bytearray(end - begin)
+            f.seek(data_start + begin)
+            f.readinto(buf)
+            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(shape)
+    return tensors
+
+
+def read_safetensors_header(path):
+    """{name: (dtype, shape, begin, end)} and where the data starts, every entry checked against the file
+    (offsets inside it, sizes matching shapes, no overlaps), without reading the data."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -427,19 +489,11 @@ def read_safetensors(path) -> dict:
         for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
             if begin_b < end_a:
                 raise ValueError(f"{path}: tensors '{a}' and '{b}' overlap")
-        tensors = {}
-        for begin, end, name in spans:
-            info = header[name]
-            buf = bytearray(end - begin)
-            f.seek(8 + n + begin)
-            f.readinto(buf)
-            flat = torch.frombuffer(buf, dtype=DTYPES[info["dtype"]]) if buf else torch.empty(0, dtype=DTYPES[info["dtype"]])
-            tensors[name] = flat.reshape(info["shape"])
-    return tensors
+    return {name: (DTYPES[info["dtype"]], tuple(info["shape"]), *info["data_offsets"]) for name, info in header.items()}, 8 + n
 
 
 def write_safetensors(path, tensors: dict, metadata=None):
-    """Write tensors atomically (temporary file, then rename)."""
+    """Write tensors atomically (atomic_write)."""
     header, offset = {}, 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -449,13 +503,11 @@ def write_safetensors(path, tensors: dict, metadata=None):
         header["__metadata__"] = metadata
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # pad so the data starts 8-byte aligned
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for t in tensors.values():
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    os.replace(tmp, path)
 
 # -----------------------------------------------------------------------------------------------
 # HF key tables: our parameter name <- HF name, "{}" = layer index. A tuple of our names marks a
@@ -539,39 +591,53 @@ def fuse_hf(ts, layout, cfg):
 # HF checkpoint directories
 
 
-def read_checkpoint_tensors(path) -> dict:
-    """All tensors of a checkpoint directory, from model.safetensors or the shards its index lists."""
+def checkpoint_files(path):
+    """{tensor name: (file, dtype, shape)} over model.safetensors or the shards its index lists, from the
+    headers alone: everything can be checked before a byte of data is read or a tensor allocated."""
     index = os.path.join(path, "model.safetensors.index.json")
     if not os.path.exists(index):
         single = os.path.join(path, "model.safetensors")
         if not os.path.exists(single):
             raise FileNotFoundError(f"{single}: not found (nor a model.safetensors.index.json)")
-        return read_safetensors(single)
+        return {name: (single, dtype, shape) for name, (dtype, shape, *_) in read_safetensors_header(single)[0].items()}
     try:
-        weight_map = json.load(open(index))["weight_map"]
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
         assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
         raise ValueError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> shard file") from None
-    tensors = {}
+    files = {}
     for shard in sorted(set(weight_map.values())):
-        if os.path.basename(shard) != shard or shard in (".", ".."):
+        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise ValueError(f"{index}: shard name {shard!r} escapes the checkpoint directory")
         shard_path = os.path.join(path, shard)
-        if not os.path.exists(shard_path):
+        if not os.path.isfile(shard_path):
             raise FileNotFoundError(f"{shard_path}: shard listed in {index} is missing")
-        tensors.update(read_safetensors(shard_path))
-    missing = sorted(set(weight_map) - set(tensors))
+        for name, (dtype, shape, *_) in read_safetensors_header(shard_path)[0].items():
+            if name in files:
+                raise ValueError(f"{index}: tensor '{name}' is in two shards")
+            if weight_map.get(name) != shard:
+                raise ValueError(f"{shard_path}: holds tensor '{name}', which {index} does not place there")
+            files[name] = (shard_path, dtype, shape)
+    missing = sorted(set(weight_map) - set(files))
     if missing:
         raise ValueError(f"{index}: tensors {missing[:3]} are listed but not in their shards")
-    return tensors
+    return files
+
+
+LAYER_PREFIX = {"gpt_neox": "gpt_neox.layers.", "llama": "model.layers.", "gpt2": "transformer.h."}
 
 
 def load_pretrained(cls, path, dtype=torch.float32):
+    """Check config.json and every tensor's name, dtype and shape against each other, then build the model
+    and read the data. Nothing is allocated until the files agree with the config, so a damaged checkpoint
+    gives a ValueError naming the file, never a huge allocation or an error from deep inside torch."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path}: not found (expected an HF checkpoint directory)")
     try:
-        hf = json.load(open(config_path))
+        with open(config_path) as f:
+            hf = json.load(f)
         assert isinstance(hf, dict)
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
         raise ValueError(f"{config_path}: not a JSON object") from None
@@ -579,29 +645,48 @@ def load_pretrained(cls, path, dtype=torch.float32):
         cfg = config_from_hf(hf, config_path)
     except KeyError as e:
         raise ValueError(f"{config_path}: missing field {e}") from None
-    tensors = read_checkpoint_tensors(path)
+    files = checkpoint_files(path)
     if cfg.model_type == "gpt2":  # GPT-2 files come with and without the "transformer." prefix
-        tensors = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in tensors.items()}
-    if dtype == "auto":
-        dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-    model = cls(cfg).to(dtype)
-    params = dict(model.named_parameters())
-    used = set()
-    for names, hf_name, layout in key_plan(model):
-        if hf_name not in tensors:
+        files = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in files.items()}
+    prefix = LAYER_PREFIX[cfg.model_type]
+    layers = {int(k[len(prefix):].split(".")[0]) for k in files if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+    if layers != set(range(cfg.n_layer)):
+        raise ValueError(f"{config_path}: says {cfg.n_layer} layers, but the tensors hold layers"
+                         f" {sorted(layers)[:3]}{'...' if len(layers) > 3 else ''} ({len(layers)} in all)")
+    with torch.device("meta"):  # shapes without storage: what this config expects of every tensor
+        skeleton = cls(cfg)
+    params = dict(skeleton.named_parameters())
+    plan = key_plan(skeleton)
+    for names, hf_name, layout in plan:
+        if hf_name not in files:
             raise ValueError(f"{path}: missing tensor '{hf_name}'")
-        parts = split_hf(tensors[hf_name], layout, cfg, len(names))
-        for name, part in zip(names, parts):
-            if part.shape != params[name].shape:
-                raise ValueError(f"{path}: tensor '{hf_name}' has shape {list(tensors[hf_name].shape)}, expected one that gives {list(params[name].shape)} for {name}")
-            with torch.no_grad():
-                params[name].copy_(part)
-        used.add(hf_name)
+        file, file_dtype, shape = files[hf_name]
+        expected = tuple(fuse_hf([params[n] for n in names], layout, cfg).shape)
+        if shape != expected:
+            raise ValueError(f"{file}: tensor '{hf_name}' has shape {list(shape)}, {config_path} implies {list(expected)}")
+        if not file_dtype.is_floating_point:
+            raise ValueError(f"{file}: tensor '{hf_name}' is {file_dtype}, expected floating-point weights")
+    used = {hf for _, hf, _ in plan}
     if cfg.tie_embeddings:  # some files carry the tied head anyway; it is the embedding again
         used.add(next(hf for our, hf, _ in HF_KEYS[cfg.model_type] if our == "lm_head.weight"))
-    unknown = sorted(k for k in tensors if k not in used and not k.endswith(NON_WEIGHT_SUFFIXES))
+    unknown = sorted(k for k in files if k not in used and not k.endswith(NON_WEIGHT_SUFFIXES))
     if unknown:
         raise ValueError(f"{path}: unexpected tensors {unknown[:5]} for a {cfg.model_type} model of this config")
+    tensors = {}
+    for file in sorted({file for file, _, _ in files.values()}):
+        tensors |= read_safetensors(file)
+    if cfg.model_type == "gpt2":
+        tensors = {k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k: v for k, v in tensors.items()}
+    if dtype == "auto":
+        dtype = next((files[hf][1] for _, hf, _ in plan), torch.float32)
+    model = cls(cfg).to(dtype)
+    params = dict(model.named_parameters())
+    for names, hf_name, layout in plan:
+        if not torch.isfinite(tensors[hf_name]).all():
+            raise ValueError(f"{files[hf_name][0]}: tensor '{hf_name}' holds NaN or infinite values")
+        with torch.no_grad():
+            for name, part in zip(names, split_hf(tensors[hf_name], layout, cfg, len(names))):
+                params[name].copy_(part)
     return model
 
 
@@ -638,7 +723,5 @@ def save_pretrained(model: Transformer, path, max_shard_bytes=None):
 
 
 def _write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

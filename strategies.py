@@ -627,5 +627,9 @@ def make_strategy(name, settings=None):
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
-    own = {k: v for k, v in (settings or {}).items() if k in cls.Config.__dataclass_fields__}
+    fields = cls.Config.__dataclass_fields__
+    own = {k: v for k, v in (settings or {}).items() if k in fields}
+    for k, v in own.items():  # 100 and 100.0 are one setting, and so one cache key
+        if isinstance(fields[k].default, float) and isinstance(v, int) and not isinstance(v, bool):
+            own[k] = float(v)
     return cls(cls.Config(**own))

@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts threa
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import glob
 import hashlib
@@ -37,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import ModelConfig, Transformer, read_safetensors, write_safetensors
+from model import ModelConfig, Transformer, atomic_write, read_safetensors, write_safetensors
 from strategies import STRATEGIES, Context, Seq, config_fields, make_strategy
 
 
@@ -97,6 +98,19 @@ class TrainConfig:
                                 " early stopping) at these steps throughout")
     state_every: int = arg(50, "save a resumable training state every this many steps")
     runs: str = arg("runs", "directory where stages are cached")
+
+    def __post_init__(self):
+        """Normalise, so that equal settings give one cache key however they were given (flags or Python)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))  # 1 and 1.0 are one setting
+        try:
+            steps = sorted({int(s) for s in self.checkpoint_steps.split(",")})
+            assert steps[0] >= 0
+        except (ValueError, AssertionError):
+            raise ValueError(f"--checkpoint-steps {self.checkpoint_steps!r}: expected step numbers like 0,10,20") from None
+        self.checkpoint_steps = ",".join(map(str, steps))
 
 
 # Per preset, what differs from the cpu defaults above. The data sizes come from data.PRESETS under
@@ -262,14 +276,13 @@ def cl_metrics(R):
 
 
 # -----------------------------------------------------------------------------------------------
-# Files: every write is atomic (temporary name, then rename), so an interrupted run loses nothing.
+# Files: every write is atomic (model.atomic_write: temporary file, then rename), so an interrupted run
+# loses nothing.
 
 
 def write_text(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def write_json(path, obj):
@@ -413,14 +426,15 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
     strategy, ctx = phase.strategy, phase.ctx
     if ctx is not None:
         ctx.optimizer = opt
-    step, stopped = load_state(model, opt, out) if resume and os.path.exists(os.path.join(out, "state")) else (0, False)
+    # A state directory without latest.json (a kill before the first state was complete) is no state.
+    has_state = os.path.exists(os.path.join(out, "state", "latest.json"))
+    step, stopped = load_state(model, opt, out) if resume and has_state else (0, False)
     if step:
         print(f"  {phase.name}: resuming at step {step}")
     metrics_path = os.path.join(out, "metrics.jsonl")
     kept = [line for line in read_jsonl(metrics_path) if line["step"] <= step] if step else []
-    with open(metrics_path + ".tmp", "w") as f:  # drop records written after the state we resume from
+    with atomic_write(metrics_path) as f:  # drop records written after the state we resume from
         f.writelines(json.dumps(line) + "\n" for line in kept)
-    os.replace(metrics_path + ".tmp", metrics_path)
     metrics = open(metrics_path, "a")
 
     def log(extra):
@@ -808,9 +822,9 @@ def pyplot():
 
 def save_figure(fig, path):
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     pyplot().close(fig)
-    os.replace(path + ".tmp.png", path)
     print(f"plot: {path}")
 
 # -----------------------------------------------------------------------------------------------
@@ -1027,7 +1041,10 @@ def parse_args(argv):
     sizes = data.PRESETS[preset_settings.pop("data", preset)]
     base = dict(people=sizes.n_people, task_size=sizes.task_size, n_tasks=sizes.n_tasks,
                 name_pools=",".join(map(str, sizes.name_pools))) | preset_settings
-    cfg = TrainConfig(**(base | overrides | {"preset": preset}))
+    try:
+        cfg = TrainConfig(**(base | overrides | {"preset": preset}))
+    except ValueError as e:
+        parser.error(str(e))
     cfg.strategy_args = dict(cfg.strategy_args) | given
     if cfg.strategy not in STRATEGIES:
         parser.error(f"--strategy {cfg.strategy!r}: expected one of {', '.join(STRATEGIES)}")
@@ -1050,11 +1067,6 @@ def parse_args(argv):
         if getattr(cfg, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected a positive number")
     try:
-        steps = sorted({int(s) for s in cfg.checkpoint_steps.split(",")})
-        assert steps[0] >= 0
-    except (ValueError, AssertionError):
-        parser.error(f"--checkpoint-steps {cfg.checkpoint_steps!r}: expected step numbers like 0,10,20")
-    try:
         seeds = [int(s) for s in args.seeds.split(",")]
         assert seeds and min(seeds) >= 0
     except (ValueError, AssertionError):
@@ -1063,30 +1075,88 @@ def parse_args(argv):
         data_config(cfg)
     except ValueError as e:
         parser.error(str(e))
-    cfg.checkpoint_steps = ",".join(map(str, steps))
     if args.stage not in stage_names(cfg) + list(COMMANDS):
         parser.error(f"--stage {args.stage!r}: expected one of {', '.join(stage_names(cfg) + list(COMMANDS))}")
     return cfg, args.stage, args.resume, seeds
 
 
+class RunLock:
+    """One train.py at a time per runs/<preset> directory: two would build the same stages at once. The lock
+    file holds the owner's pid; a lock whose process is gone (killed) is stale and taken over."""
+
+    def __init__(self, root):
+        self.root, self.path = root, os.path.join(root, "train.lock")
+
+    def holder(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read() or -1)  # -1: being written by a process that just took it
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self):
+        os.makedirs(self.root, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self.holder()
+                if pid == -1 or (pid is not None and process_alive(pid)):
+                    raise UserError(f"{self.root} is in use by another train.py (pid {pid}, lock file {self.path})"
+                                    f"; wait for it, or stop it") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise UserError(f"{self.root}: could not take the lock file {self.path}")
+
+    def __exit__(self, *exc):
+        if self.holder() == os.getpid():
+            os.remove(self.path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def main(argv=None):
     cfg, stage, resume, seeds = parse_args(argv)
-    if stage == "headline":
-        return headline(cfg, seeds, resume)
-    if stage == "freeze-sweep":
-        return freeze_sweep(cfg, resume)
-    if stage == "table":
-        return table(cfg, resume)
-    if resume and not os.path.exists(stage_dir(cfg, "pretrain")[0]):
-        raise UserError(f"--resume: nothing to resume under {os.path.join(cfg.runs, cfg.preset)} for these settings")
-    exp = Experiment(cfg)
-    out = exp.run(stage, resume)
-    report(cfg)
-    return out
+    with RunLock(os.path.join(cfg.runs, cfg.preset)):
+        if stage == "headline":
+            return headline(cfg, seeds, resume)
+        if stage == "freeze-sweep":
+            return freeze_sweep(cfg, resume)
+        if stage == "table":
+            return table(cfg, resume)
+        if resume and not os.path.exists(stage_dir(cfg, "pretrain")[0]):
+            raise UserError(f"--resume: nothing to resume under {os.path.join(cfg.runs, cfg.preset)} for these settings")
+        out = Experiment(cfg).run(stage, resume)
+        report(cfg)
+        return out
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def cli(argv=None):
+    """main() for the command line: a user's mistake or a disk problem is one line, not a traceback."""
+    try:
+        return main(argv)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        sys.exit(f"error: {e.filename or 'writing'}: {e.strerror}; the last complete state is kept (--resume continues)")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cli()
