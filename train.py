@@ -435,13 +435,12 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
     kept = [line for line in read_jsonl(metrics_path) if line["step"] <= step] if step else []
     with atomic_write(metrics_path) as f:  # drop records written after the state we resume from
         f.writelines(json.dumps(line) + "\n" for line in kept)
-    metrics = open(metrics_path, "a")
 
     def log(extra):
         record = {"stage": phase.name, "step": step, **extra} | {
             name: fn(model) for name, (fn, points) in phase.evals.items() if step in points or step == phase.total}
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        with open(metrics_path, "a") as metrics:  # one line per evaluation: a kill loses at most that line
+            metrics.write(json.dumps(record) + "\n")
         return record
 
     def checkpoint():
@@ -484,7 +483,6 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
         if step % cfg.state_every == 0 or step == phase.total or stopped:
             save_state(model, opt, out=out, step=step, stopped=stopped)
     bar.close()
-    metrics.close()
     return step, stopped
 
 

@@ -15,10 +15,15 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # Parity, from the committed fixtures: runs everywhere, with or without transformers.
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2"])
 def test_fixture_parity(family):
     path = os.path.join(FIXTURES, family)
-    expected = json.load(open(os.path.join(path, "expected_logits.json")))
+    expected = read_json(os.path.join(path, "expected_logits.json"))
     model = Transformer.from_pretrained(path).eval()
     assert model.cfg.model_type == family
     with torch.no_grad():
@@ -278,10 +283,10 @@ def test_missing_shard(checkpoint):
 
 
 def test_shard_name_escaping_directory(checkpoint):
-    index = json.load(open(checkpoint / "model.safetensors.index.json"))
+    index = read_json(checkpoint / "model.safetensors.index.json")
     first = next(iter(index["weight_map"]))
     index["weight_map"][first] = "../elsewhere.safetensors"
-    json.dump(index, open(checkpoint / "model.safetensors.index.json", "w"))
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="escapes"):
         Transformer.from_pretrained(checkpoint)
 
@@ -293,9 +298,9 @@ def test_shard_name_escaping_directory(checkpoint):
     ("hidden_act", "relu", "hidden_act"),
 ])
 def test_unsupported_config(checkpoint, field, value, message):
-    cfg = json.load(open(checkpoint / "config.json"))
+    cfg = read_json(checkpoint / "config.json")
     cfg[field] = value
-    json.dump(cfg, open(checkpoint / "config.json", "w"))
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
         Transformer.from_pretrained(checkpoint)
 

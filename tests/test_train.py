@@ -3,6 +3,7 @@ import glob
 import json
 import math
 import os
+import pathlib
 import types
 
 import dataclasses
@@ -46,9 +47,9 @@ def test_all_stages_write_their_outputs(runs):
     stages = sorted(os.path.basename(d).split("-")[0] for d in glob.glob(f"{runs_dir}/tiny/*-*") if os.path.isdir(d))
     assert stages == ["pretrain", "recover", "task0", "task1", "task1", "task2"]  # recover comes after the last task
     for d in glob.glob(f"{runs_dir}/tiny/*/"):
-        summary = json.load(open(os.path.join(d, "summary.json")))
+        summary = train.read_json(os.path.join(d, "summary.json"))
         assert summary["settings"]["seed"] == 0 and summary["versions"]["torch"] == torch.__version__
-    recovery = json.load(open(os.path.join(recover_dir, "summary.json")))
+    recovery = train.read_json(os.path.join(recover_dir, "summary.json"))
     assert [r["checkpoint"] for r in recovery["rows"]][:2] == ["pretrained", "task0"]  # the ceiling
     # the step-0 checkpoint is the Task-0 model: saved, and probed once, as "task0"
     assert [r["task1_step"] for r in recovery["rows"]] == [None, None, 2, 4, 20]
@@ -57,7 +58,7 @@ def test_all_stages_write_their_outputs(runs):
     task1_dir = os.path.join(runs_dir, "tiny", recovery["task1_run"])
     assert os.path.exists(task1_dir + ".png")
     assert not glob.glob(f"{runs_dir}/tiny/*/state") and not glob.glob(f"{runs_dir}/tiny/*/*/state")  # complete
-    records = [json.loads(line) for line in open(os.path.join(task1_dir, "metrics.jsonl"))]
+    records = train.read_jsonl(os.path.join(task1_dir, "metrics.jsonl"))
     assert records[0]["step"] == 0 and {"task0", "current"} <= records[0].keys()
     for r in records:
         assert in_unit_range(r["task0"]) and in_unit_range(r.get("current", {}))
@@ -105,12 +106,12 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch)
             run(tmp_path / "resumed", "--stage", "pretrain")
     partial = glob.glob(f"{tmp_path}/resumed/tiny/pretrain-*")[0]
     assert not os.path.exists(os.path.join(partial, "summary.json"))
-    assert json.load(open(os.path.join(partial, "state", "latest.json")))["dir"] == "step-0000009"
+    assert train.read_json(os.path.join(partial, "state", "latest.json"))["dir"] == "step-0000009"
     resumed = run(tmp_path / "resumed", "--stage", "pretrain", "--resume")
     a, b = weights(os.path.join(clean, "final")), weights(os.path.join(resumed, "final"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    lines = [json.loads(line)["step"] for line in open(os.path.join(resumed, "metrics.jsonl"))]
-    assert lines == [json.loads(line)["step"] for line in open(os.path.join(clean, "metrics.jsonl"))]
+    lines = [r["step"] for r in train.read_jsonl(os.path.join(resumed, "metrics.jsonl"))]
+    assert lines == [r["step"] for r in train.read_jsonl(os.path.join(clean, "metrics.jsonl"))]
 
 
 def test_cl_metrics_on_a_hand_computed_matrix():
@@ -269,7 +270,7 @@ def test_headline_and_freeze_sweep_read_their_runs(runs):
     assert numbers["probe_ceiling"] == recovery["ceiling"]
     assert numbers["recovered_share_end"] == pytest.approx(recovery["rows"][-1]["recovered_share"], nan_ok=True)
     assert numbers["freeze_task0_end"] == freeze["results"]["task0"]["em"]
-    assert "| SEQ: Task-0 EM when Task 1 is learnt | 11.18 |" in open(os.path.join(root, "headline.md")).read()
+    assert "| SEQ: Task-0 EM when Task 1 is learnt | 11.18 |" in pathlib.Path(root, "headline.md").read_text()
 
     run(runs_dir, "--stage", "freeze-sweep")
     sweep = train.read_json(os.path.join(root, "freeze-sweep.json"))["rows"]
