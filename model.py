@@ -209,7 +209,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache):  # x: (B, T, C)
         B, T, _ = x.shape
         H, H_kv, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
-        # One matrix product for q, k and v together: fewer, larger products run faster on a CPU.
+        # One matrix product for q, k and v together: fewer, larger products run faster on a CPU. (So forward
+        # hooks on q_proj, k_proj and v_proj do not fire: hook attn_norm's output to see what they read.)
         projs = (self.q_proj, self.k_proj, self.v_proj)
         bias = torch.cat([p.bias for p in projs]) if self.cfg.attn_bias else None
         qkv = F.linear(x, torch.cat([p.weight for p in projs]), bias)            # (B, T, (H + 2 H_kv) D)
