@@ -127,13 +127,14 @@ class Freeze(Seq):
     class Config:
         freeze_layers: int = hp(1, "freeze: the embedding plus this many bottom blocks are frozen from Task 1 on")
         freeze_by: str = hp("index", "freeze: 'index' freezes blocks 0..k-1; 'substring' the authors' effective"
-                                     " set (block j frozen if 'layers.j.' contains 'layers.i' for an i < k)")
+                                     " set (block j frozen if 'layers.j.' contains 'layers.i' for an i < k); 'top'"
+                                     " the top k blocks and not the embedding (a control for analysis.py)")
 
         def __post_init__(self):
             if self.freeze_layers < 0:
                 raise ValueError(f"--freeze-layers {self.freeze_layers}: expected 0 or more")
-            if self.freeze_by not in ("index", "substring"):
-                raise ValueError(f"--freeze-by {self.freeze_by!r}: expected index or substring")
+            if self.freeze_by not in ("index", "substring", "top"):
+                raise ValueError(f"--freeze-by {self.freeze_by!r}: expected index, substring or top")
 
     freeze_embedding = True
 
@@ -143,6 +144,8 @@ class Freeze(Seq):
     def frozen_blocks(self, n_blocks):
         if self.config.freeze_by == "index":
             return list(range(min(self.config.freeze_layers, n_blocks)))
+        if self.config.freeze_by == "top":
+            return list(range(max(0, n_blocks - self.config.freeze_layers), n_blocks))
         return [j for j in range(n_blocks) if any(p in hf_block_name(j) for p in self.patterns())]
 
     def start(self, ctx):
@@ -151,7 +154,7 @@ class Freeze(Seq):
             return
         model = ctx.model
         frozen = [model.blocks[j] for j in self.frozen_blocks(len(model.blocks))]
-        if self.freeze_embedding:
+        if self.freeze_embedding and self.config.freeze_by != "top":
             frozen.append(model.embed)
             if hasattr(model, "pos_embed"):  # learned positions are part of the input embedding
                 frozen.append(model.pos_embed)

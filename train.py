@@ -606,10 +606,7 @@ class Experiment:
 
     def pretrain(self, stage, out, prev_dir, resume):
         c = self.cfg
-        torch.manual_seed(c.seed)
-        model = Transformer(ModelConfig(model_type="gpt_neox", vocab_size=self.tok.vocab_size, n_layer=c.n_layer,
-                                        n_head=c.n_head, d_model=c.d_model, d_ff=c.d_ff, max_seq_len=c.context))
-        model.to(self.device)
+        model = self.initial_model().to(self.device)
         print(f"  model: {model.num_params() / 1e6:.2f}M parameters, vocabulary {self.tok.vocab_size}")
         entries = self.bio.bio_token_ids(self.bio.splits["pretrain"])
         n_blocks = sum(len(e) + 1 for e in entries) // (c.context + 1)  # what pack_pretraining makes, any order
@@ -618,12 +615,20 @@ class Experiment:
                       make_epoch=lambda rng: pretrain_batches(entries, c, self.tok, rng, self.device),
                       lr=c.pretrain_lr, min_lr=c.pretrain_min_lr, warmup=c.pretrain_warmup,
                       weight_decay=c.pretrain_wd,
-                      evals={"bio": (self.bio_probe(), every_epoch(c.pretrain_epochs, steps_per_epoch, every=4))})
+                      evals={"bio": (self.bio_probe(), every_epoch(c.pretrain_epochs, steps_per_epoch, every=4))},
+                      save_steps={c.pretrain_epochs * steps_per_epoch // 2})  # halfway: for analysis.py's weight angles
         train_loop(model, phase, out=out, cfg=c, tok=self.tok, resume=resume)
         save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": "pretrain", "step": phase.total})
         result = read_metrics(out)[-1]["bio"]  # the probe the loop ran at its last step
         print(f"  pretraining done: biography attribute first-token accuracy {result['first_token']:.3f}")
         return {"bio": result}
+
+    def initial_model(self):
+        """The random weights pretraining starts from (the seed fixes them, so analysis.py can rebuild them)."""
+        c = self.cfg
+        torch.manual_seed(c.seed)
+        return Transformer(ModelConfig(model_type="gpt_neox", vocab_size=self.tok.vocab_size, n_layer=c.n_layer,
+                                       n_head=c.n_head, d_model=c.d_model, d_ff=c.d_ff, max_seq_len=c.context))
 
     def bio_probe(self):
         """Memorisation: first-token accuracy of each attribute value where it stands in a biography."""

@@ -1,0 +1,408 @@
+"""Why Task-0 accuracy collapses, and why it comes back: the paper's views (its Section 4) on the runs
+that train.py makes.
+
+    python analysis.py                         # cpu preset: figures/analysis/*.png, analysis.json, a table
+    python analysis.py --preset tiny           # the same on the tiny preset, in about a minute
+    python analysis.py --run runs/cpu/task1-freeze1-XXXX   # the landscape and shifts of another Task-1 run
+
+1. Loss landscape: Task-0 and Task-1 loss on the plane through three Task-1 checkpoints (a just before the
+   collapse, b just after, and the final model), with every saved checkpoint projected onto it.
+2. Weight-update angles: between the column spaces of two updates of each weight matrix, per layer.
+3. Feature shift: how the residual stream at the last prompt token moves, layer by layer.
+4. Fisher vs angle: does the Task-0 Fisher (what EWC protects) predict where Task 1's updates turn?
+5. The theory (theory.py) measured on the trained model: SEQ, bottom freezing and top freezing.
+
+Missing train.py stages (SEQ Task 1, freeze, top-freeze) are run first. Everything is read from
+checkpoints and metrics; nothing here trains, except the stages it asks train.py for.
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts threads: busy-waiting stalls a 2-core box
+
+import argparse
+import dataclasses
+import math
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import theory
+import train
+from model import Transformer, left_pad
+from strategies import diagonal_fisher, make_strategy
+
+COMPONENTS = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj", "mlp_in": "mlp.up",
+              "mlp_out": "mlp.down"}
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints as flat weight vectors
+
+
+def load(path):
+    return Transformer.from_pretrained(path).eval()
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+
+
+def set_flat(model, vector):
+    with torch.no_grad():
+        offset = 0
+        for p in model.parameters():
+            p.copy_(vector[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+@torch.no_grad()
+def answer_loss(model, qa, batch_size=512):
+    """Mean cross-entropy over the answer tokens (and EOS) of every pair in qa."""
+    total, count = 0.0, 0
+    for s in range(0, len(qa), batch_size):
+        inputs, targets, mask = qa.batch(np.arange(s, min(s + batch_size, len(qa))))
+        _, loss = model(inputs, targets, loss_mask=mask)
+        n = int(mask.sum())
+        total, count = total + loss.item() * n, count + n
+    return total / count
+
+# -----------------------------------------------------------------------------------------------
+# 1. Loss landscape (paper Fig. 3)
+
+
+def collapse_window(curve, saved):
+    """The saved Task-1 steps (a, b), consecutive, between which Task-0 exact match falls fastest per step."""
+    em = {r["step"]: r["task0"]["em"] for r in curve if "task0" in r}
+    steps = sorted(s for s in saved if s in em)
+    pairs = list(zip(steps, steps[1:]))
+    return max(pairs, key=lambda ab: (em[ab[0]] - em[ab[1]]) / (ab[1] - ab[0]))
+
+
+def plane(theta_a, theta_b, theta_final):
+    """theta(x, y) = theta_a + x (theta_b - theta_a) + y (theta_final - theta_b), as (origin, u, v)."""
+    return theta_a, theta_b - theta_a, theta_final - theta_b
+
+
+def project(theta, origin, u, v):
+    """Least-squares coordinates (x, y) of theta on the plane, over all parameters, and the residual
+    ||theta - theta(x, y)|| / ||theta - origin|| (0 = on the plane)."""
+    basis = torch.stack([u, v], dim=1)                                       # (P, 2)
+    coef = torch.linalg.lstsq(basis, (theta - origin)[:, None]).solution[:, 0]
+    residual = (theta - origin - basis @ coef).norm() / (theta - origin).norm().clamp_min(1e-30)
+    return coef[0].item(), coef[1].item(), residual.item()
+
+
+def landscape(model, origin, u, v, xs, ys, losses):
+    """{name: (len(ys), len(xs)) grid} of each loss function at theta(x, y)."""
+    grid = {name: np.zeros((len(ys), len(xs))) for name in losses}
+    for i, y in enumerate(tqdm(ys, desc="landscape", leave=False)):
+        for j, x in enumerate(xs):
+            set_flat(model, origin + x * u + y * v)
+            for name, fn in losses.items():
+                grid[name][i, j] = fn(model)
+    return grid
+
+# -----------------------------------------------------------------------------------------------
+# 2. Weight-update angles (paper Fig. 4)
+
+
+def rank_99(singular_values, share=0.99):
+    """The smallest rank whose singular values hold `share` of the squared Frobenius norm."""
+    energy = np.cumsum(np.asarray(singular_values, dtype=np.float64) ** 2)
+    return int(np.searchsorted(energy, share * energy[-1] * (1 - 1e-12)) + 1)
+
+
+def update_angle(A, B):
+    """Mean angle (degrees) between B's top left singular vectors and A's column space: each update is
+    z-scored (as the authors do), its column space is spanned by the top rank_99 left singular vectors;
+    each of B's vectors makes angle arccos ||U_A^T u||. 0 = same space, 90 = orthogonal."""
+    def space(M):
+        M = (M - M.mean()) / M.std().clamp_min(1e-30)
+        U, S, _ = torch.linalg.svd(M.double(), full_matrices=False)
+        return U[:, :rank_99(S.numpy())]
+    UA, UB = space(A), space(B)
+    cos = (UA.T @ UB).norm(dim=0).clamp(max=1.0)                               # (r_B,)
+    return math.degrees(torch.arccos(cos).mean().item())
+
+
+def weight_matrices(model):
+    """{(layer, component): weight} for every block's matrices, the embedding (layer 'emb') and the
+    unembedding (layer 'head'). Rows index outputs, so left singular vectors live in the output space."""
+    out = {("emb", "embed"): model.embed.weight.detach(), ("head", "unembed"): model.lm_head.weight.detach()}
+    for l, block in enumerate(model.blocks):
+        for name, path in COMPONENTS.items():
+            out[(l, name)] = block.get_submodule(path).weight.detach()
+    return out
+
+
+def angles(m0, m1, m2, m3):
+    """Per matrix: the angle between update m1 - m0 and update m3 - m2."""
+    w = [weight_matrices(m) for m in (m0, m1, m2, m3)]
+    return {key: update_angle(w[1][key] - w[0][key], w[3][key] - w[2][key]) for key in w[0]}
+
+# -----------------------------------------------------------------------------------------------
+# 3. Feature shift (paper Fig. 5)
+
+
+def feature_shift(before, after, idx, mask):
+    """Per layer: the mean shift norm at the last prompt token, the PC1 angle before/after, and the
+    features projected on (mean-shift direction, PC1 before) at the last layer, for the scatter."""
+    rows = theory.residual_shift(before, after, idx, attention_mask=mask)
+    hb = theory.last_token_hidden(before, idx, mask)[-1]
+    ha = theory.last_token_hidden(after, idx, mask)[-1]
+    shift = (ha - hb).mean(0)
+    e1 = shift / shift.norm().clamp_min(1e-30)
+    pc = theory.pc1(hb)
+    e2 = pc - (pc @ e1) * e1
+    e2 = e2 / e2.norm().clamp_min(1e-30)
+    scatter = {name: torch.stack([h @ e1, h @ e2], 1).tolist() for name, h in (("before", hb), ("after", ha))}
+    return rows, scatter
+
+# -----------------------------------------------------------------------------------------------
+# 4. Fisher against angle
+
+
+def pearson_permutation(x, y, permutations=10000, seed=0):
+    """Pearson r of x and y, and the two-sided permutation-test p value (shuffling y)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    r = np.corrcoef(x, y)[0, 1]
+    rng = np.random.default_rng(seed)
+    null = np.array([np.corrcoef(x, rng.permutation(y))[0, 1] for _ in range(permutations)])
+    return float(r), float((np.sum(np.abs(null) >= abs(r)) + 1) / (permutations + 1))
+
+
+def component_fisher(model, qa, batch_size):
+    """Mean diagonal Fisher (per-sample, the one EWC uses) of each weight matrix of weight_matrices()."""
+    fisher = diagonal_fisher(model, qa, batch_size)
+    names = {("emb", "embed"): "embed.weight", ("head", "unembed"): "lm_head.weight"}
+    names |= {(l, c): f"blocks.{l}.{p}.weight" for l in range(len(model.blocks)) for c, p in COMPONENTS.items()}
+    return {key: fisher[name].mean().item() for key, name in names.items()}
+
+# -----------------------------------------------------------------------------------------------
+# 5. The theory on the trained model
+
+
+def theory_on_model(before, after, idx, mask, r=4, seed=0):
+    """Per block: input-side orthogonality rho of the update of each matrix that reads the residual stream
+    (against random directions), the in-subspace share of the last-token shift, and the relative shift."""
+    rng = np.random.default_rng(seed)
+    hb, ha = theory.last_token_hidden(before, idx, mask), theory.last_token_hidden(after, idx, mask)
+    rows = []
+    for l, (bb, ba) in enumerate(zip(before.blocks, after.blocks)):
+        rho = {}
+        for name, norm in (("q", "attn_norm"), ("k", "attn_norm"), ("v", "attn_norm"), ("mlp_in", "mlp_norm")):
+            X = theory.module_outputs(before, bb.get_submodule(norm), idx, mask)
+            path = COMPONENTS[name]
+            W0, W1 = bb.get_submodule(path).weight, ba.get_submodule(path).weight
+            rho[name] = theory.input_side_check(W0, W1, X, r, rng) if not torch.equal(W0, W1) else None
+        moved = not torch.equal(hb[l + 1], ha[l + 1])  # a frozen bottom leaves the features where they were
+        share, random_share = theory.shift_subspace_share(hb[l + 1], ha[l + 1], r) if moved else (None, None)
+        trained = [v for v in rho.values() if v]
+        rows.append(dict(layer=l, rho=float(np.mean([v["rho"] for v in trained])) if trained else None,
+                         rho_random=float(np.mean([v["rho_random"] for v in trained])) if trained else None,
+                         share=share, share_random=random_share,
+                         rel_shift=((ha[l + 1] - hb[l + 1]).norm() / hb[l + 1].norm()).item()))
+    return rows
+
+# -----------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_landscape(result, path, title):
+    plt = train.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs, ys = result["xs"], result["ys"]
+    for ax, name in zip(axes, ("task0_loss", "task1_loss")):
+        cs = ax.contourf(xs, ys, np.array(result[name]), levels=20, cmap="viridis")
+        fig.colorbar(cs, ax=ax)
+        for p in result["projected"]:
+            ax.plot(p["x"], p["y"], "w.", ms=5)
+            ax.annotate(str(p["step"]), (p["x"], p["y"]), color="w", fontsize=6)
+        for label, (x, y) in (("a", (0, 0)), ("b", (1, 0)), ("end", (1, 1))):
+            ax.plot(x, y, "r*", ms=9)
+            ax.annotate(label, (x, y), color="r", fontsize=8)
+        ax.set(xlabel=f"x: theta_b - theta_a (steps {result['a']}->{result['b']})", ylabel="y: theta_final - theta_b",
+               title=f"{name.replace('_', ' ')}: {title}")
+    train.save_figure(fig, path)
+
+
+def plot_angles(groups, path):
+    plt = train.pyplot()
+    keys = list(next(iter(groups.values())))
+    layers = list(dict.fromkeys(k[0] for k in keys))
+    comps = list(dict.fromkeys(k[1] for k in keys if k[0] not in ("emb", "head")))
+    fig, axes = plt.subplots(1, len(groups) + 1, figsize=(4 * len(groups) + 4, 3.6))
+    for ax, (name, values) in zip(axes, groups.items()):
+        grid = np.full((len(layers), len(comps) + 1), np.nan)
+        for (layer, comp), v in values.items():
+            i = layers.index(layer)
+            grid[i, comps.index(comp) if comp in comps else len(comps)] = v
+        im = ax.imshow(grid, vmin=0, vmax=90, cmap="magma", aspect="auto")
+        ax.set_xticks(range(len(comps) + 1), comps + ["emb/head"], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+        ax.set_title(name, fontsize=8)
+    fig.colorbar(im, ax=axes[len(groups) - 1], label="degrees")
+    axes[-1].violinplot([list(v.values()) for v in groups.values()], showmedians=True)
+    axes[-1].set_xticks(range(1, len(groups) + 1), [g.split(":")[0] for g in groups], fontsize=7)
+    axes[-1].set(ylabel="degrees", ylim=(0, 90), title="all matrices")
+    train.save_figure(fig, path)
+
+
+def plot_shift(cases, path):
+    plt = train.pyplot()
+    fig, axes = plt.subplots(2, len(cases), figsize=(3.6 * len(cases), 6.4))
+    for j, (name, (rows, scatter)) in enumerate(cases.items()):
+        ax = axes[0, j]
+        ax.plot([r["layer"] for r in rows], [r["shift"] for r in rows], "o-", label="shift norm")
+        ax2 = ax.twinx()
+        ax2.plot([r["layer"] for r in rows], [r["pc1_angle"] for r in rows], "s--", color="C1", label="PC1 angle")
+        ax2.set_ylim(0, 90)
+        ax.set(xlabel="layer (0 = embedding)", title=name, ylabel="mean shift norm")
+        ax2.set_ylabel("PC1 angle (deg)", color="C1")
+        ax = axes[1, j]
+        for label, points in scatter.items():
+            p = np.array(points)
+            ax.scatter(p[:, 0], p[:, 1], s=3, alpha=0.5, label=label)
+        ax.set(xlabel="mean-shift direction", ylabel="PC1 before (orthogonalised)", title="last layer")
+        ax.legend(fontsize=7)
+    train.save_figure(fig, path)
+
+
+def plot_fisher(points, r, p, path):
+    plt = train.pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter([q["fisher"] for q in points], [q["angle"] for q in points], s=12)
+    ax.set_xscale("log")
+    ax.set(xlabel="mean Task-0 Fisher of the matrix", ylabel="update angle (deg), collapse vs later Task 1",
+           title=f"Pearson r = {r:.3f}, permutation p = {p:.3f}")
+    train.save_figure(fig, path)
+
+# -----------------------------------------------------------------------------------------------
+# The run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="a Task-1 run directory to analyse (default: this preset's SEQ run)")
+    parser.add_argument("--resolution", type=int, default=None, help="landscape grid points per axis (cpu 9, tiny 5)")
+    parser.add_argument("--out", help="where the plots and analysis.json go (cpu: figures/analysis, else"
+                                      " runs/<preset>/analysis)")
+    parser.add_argument("--prompts", type=int, default=600, help="Task-0 test prompts for the feature views")
+    args, rest = parser.parse_known_args(argv)
+    cfg, _, _, _ = train.parse_args(rest)
+    resolution = args.resolution or (5 if cfg.preset == "tiny" else 9)
+    out = args.out or ("figures/analysis" if cfg.preset == "cpu" else os.path.join(cfg.runs, cfg.preset, "analysis"))
+    os.makedirs(out, exist_ok=True)
+
+    # The runs: SEQ (or --run), and Task 1 with the bottom k or the top k blocks frozen.
+    seq_cfg = dataclasses.replace(cfg, strategy="seq")
+    k = make_strategy("freeze", cfg.strategy_args).config.freeze_layers
+    bottom_cfg = dataclasses.replace(cfg, strategy="freeze")
+    top_cfg = dataclasses.replace(cfg, strategy="freeze", strategy_args=cfg.strategy_args | {"freeze_by": "top"})
+    with train.RunLock(os.path.join(cfg.runs, cfg.preset)):
+        exp = train.Experiment(seq_cfg)
+        run_dir = args.run or exp.run("task1", resume=False)
+        bottom_dir = train.Experiment(bottom_cfg).run("task1", resume=False)
+        top_dir = train.Experiment(top_cfg).run("task1", resume=False)
+    pre_dir, task0_dir = train.stage_dir(seq_cfg, "pretrain")[0], train.stage_dir(seq_cfg, "task0")[0]
+    print(f"analysing {run_dir}")
+    ckpts = {int(n[5:]): os.path.join(run_dir, "ckpt", n) for n in os.listdir(os.path.join(run_dir, "ckpt"))
+             if n.startswith("step-")}
+    steps_end = train.read_json(os.path.join(run_dir, "final", "training_state.json"))["step"]
+    ckpts[steps_end] = os.path.join(run_dir, "final")
+    ckpts.setdefault(0, os.path.join(task0_dir, "final"))
+    curve = train.read_metrics(run_dir)
+    a, b = collapse_window(curve, ckpts)
+    print(f"collapse window: Task-1 steps {a} -> {b} (where Task-0 exact match falls fastest between saved checkpoints)")
+    task0_qa = exp.qa_set("task0_test")
+    rng = np.random.default_rng([cfg.seed, 13])
+    sub = lambda qa: qa.subset(sorted(rng.choice(len(qa), min(len(qa), cfg.eval_subset), replace=False).tolist()))  # noqa: E731
+    t0_eval, t1_eval = sub(task0_qa), sub(exp.qa_set("task1"))
+    prompts = task0_qa.prompts[:args.prompts]
+    idx, mask = left_pad(prompts, exp.tok.pad_id)
+    result = {"run": run_dir, "collapse_window": [a, b]}
+
+    # 1. Landscape
+    m_a, m_b, m_end = load(ckpts[a]), load(ckpts[b]), load(ckpts[steps_end])
+    origin, u, v = plane(flat(m_a), flat(m_b), flat(m_end))
+    xs, ys = np.linspace(-0.5, 1.5, resolution), np.linspace(-0.5, 1.5, resolution)
+    probe = load(ckpts[a])
+    grid = landscape(probe, origin, u, v, xs, ys, {"task0_loss": lambda m: answer_loss(m, t0_eval),
+                                                  "task1_loss": lambda m: answer_loss(m, t1_eval)})
+    projected = []
+    for step, path in sorted(ckpts.items()):
+        x, y, res = project(flat(load(path)), origin, u, v)
+        projected.append(dict(step=step, x=x, y=y, residual=res))
+    result["landscape"] = dict(a=a, b=b, xs=xs.tolist(), ys=ys.tolist(), **{k2: g.tolist() for k2, g in grid.items()},
+                               projected=projected)
+    plot_landscape(result["landscape"], os.path.join(out, "landscape.png"), os.path.basename(run_dir))
+
+    # 2. Weight-update angles
+    init = exp.initial_model()
+    pre, t0 = load(os.path.join(pre_dir, "final")), load(os.path.join(task0_dir, "final"))
+    groups = {}
+    pre_ckpt = os.path.join(pre_dir, "ckpt")
+    if os.path.isdir(pre_ckpt) and os.listdir(pre_ckpt):
+        mid = load(os.path.join(pre_ckpt, sorted(os.listdir(pre_ckpt))[0]))
+        groups["pretraining: 1st half vs 2nd half"] = angles(init, mid, mid, pre)
+    else:
+        print(f"  (no mid-pretraining checkpoint in {pre_dir}: made before train.py saved one; group skipped)")
+    groups["Task 0 vs pretraining"] = angles(init, pre, pre, t0)
+    groups[f"collapse ({a}->{b}) vs Task 0"] = angles(pre, t0, m_a, m_b)
+    groups[f"later Task 1 vs collapse ({a}->{b})"] = angles(m_a, m_b, m_b, m_end)
+    result["angles"] = {g: {f"{l}.{c}": val for (l, c), val in vals.items()} for g, vals in groups.items()}
+    plot_angles(groups, os.path.join(out, "weight-angles.png"))
+
+    # 3. Feature shift
+    cases = {"Task 0: start -> end": (pre, t0), f"Task 1: collapse {a} -> {b}": (m_a, m_b),
+             "Task 1: 200 -> end": (load(ckpts[200]) if 200 in ckpts else m_b, m_end), "Task 1: start -> end": (t0, m_end)}
+    shifts = {name: feature_shift(x0, x1, idx, mask) for name, (x0, x1) in cases.items()}
+    result["feature_shift"] = {name: rows for name, (rows, _) in shifts.items()}
+    plot_shift(shifts, os.path.join(out, "feature-shift.png"))
+
+    # 4. Fisher vs angle
+    fisher = component_fisher(load(os.path.join(task0_dir, "final")).train(), exp.qa_set("task0_train"), cfg.ft_batch)
+    later = groups[f"later Task 1 vs collapse ({a}->{b})"]
+    points = [dict(component=f"{l}.{c}", fisher=fisher[(l, c)], angle=later[(l, c)]) for (l, c) in later]
+    r, p = pearson_permutation([q["fisher"] for q in points], [q["angle"] for q in points])
+    result["fisher_vs_angle"] = dict(pearson_r=r, p_value=p, points=points)
+    plot_fisher(points, r, p, os.path.join(out, "fisher-vs-angle.png"))
+
+    # 5. Theory on the trained model: SEQ, bottom-k and top-k freezing, Task 0 -> end of Task 1
+    result["theory"] = {name: theory_on_model(t0, load(os.path.join(d, "final")), idx, mask)
+                        for name, d in (("seq", run_dir), (f"freeze bottom {k}", bottom_dir), (f"freeze top {k}", top_dir))}
+
+    train.write_json(os.path.join(out, "analysis.json"), result | {"settings": dataclasses.asdict(cfg), **train.environment()})
+    report(result)
+    return out
+
+
+def report(result):
+    a, b = result["collapse_window"]
+    print(f"\nlandscape: plane through Task-1 steps {a}, {b} and the end; projection residuals (0 = on the plane):")
+    print("  " + ", ".join(f"{p['step']}: {p['residual']:.2f}" for p in result["landscape"]["projected"]))
+    print("\nweight-update angles (degrees, mean over matrices; per layer in analysis.json):")
+    for group, values in result["angles"].items():
+        by_layer = {}
+        for key, v in values.items():
+            by_layer.setdefault(key.split(".")[0], []).append(v)
+        print(f"  {group:<40} mean {np.mean(list(values.values())):5.1f}   " +
+              " ".join(f"{layer}:{np.mean(v):.0f}" for layer, v in by_layer.items()))
+    print("\nfeature shift at the last prompt token (mean shift norm by layer):")
+    for name, rows in result["feature_shift"].items():
+        print(f"  {name:<28} " + " ".join(f"{r['shift']:.2f}" for r in rows))
+    f = result["fisher_vs_angle"]
+    print(f"\nFisher vs angle: Pearson r = {f['pearson_r']:.3f}, permutation p = {f['p_value']:.3f} (the paper: 0.054, 0.71)")
+    print("\ntheory on the trained model, per block [rho / random rho, share in P / random share, relative shift]:")
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731  (None: the matrix was frozen)
+    for name, rows in result["theory"].items():
+        print(f"  {name:<16} " + "  ".join(f"[{fmt(r['rho'])}/{fmt(r['rho_random'])} {fmt(r['share'])}/"
+                                            f"{fmt(r['share_random'])} {r['rel_shift']:.2f}]" for r in rows))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except train.UserError as e:
+        sys.exit(f"error: {e}")
