@@ -93,6 +93,29 @@ def project(theta, origin, u, v):
     return coef[0].item(), coef[1].item(), residual.item()
 
 
+def checkpoints(run_dir, task0_dir):
+    """{Task-1 step: checkpoint directory} of a run (step 0 = the Task-0 model, the end = final), and the end step."""
+    ckpts = {int(n[5:]): os.path.join(run_dir, "ckpt", n) for n in os.listdir(os.path.join(run_dir, "ckpt"))
+             if n.startswith("step-")}
+    end = train.read_json(os.path.join(run_dir, "final", "training_state.json"))["step"]
+    ckpts[end] = os.path.join(run_dir, "final")
+    ckpts.setdefault(0, os.path.join(task0_dir, "final"))
+    return ckpts, end
+
+
+def run_landscape(run_dir, task0_dir, losses, resolution):
+    """The landscape of one Task-1 run on its own plane (its collapse window and end), with every saved
+    checkpoint projected onto it."""
+    ckpts, end = checkpoints(run_dir, task0_dir)
+    a, b = collapse_window(train.read_metrics(run_dir), ckpts)
+    origin, u, v = plane(*(flat(load(ckpts[s])) for s in (a, b, end)))
+    xs, ys = np.linspace(-0.5, 1.5, resolution), np.linspace(-0.5, 1.5, resolution)
+    grid = landscape(load(ckpts[a]), origin, u, v, xs, ys, losses)
+    projected = [dict(zip(("step", "x", "y", "residual"), (step, *project(flat(load(path)), origin, u, v))))
+                 for step, path in sorted(ckpts.items())]
+    return dict(a=a, b=b, xs=xs.tolist(), ys=ys.tolist(), **{k: g.tolist() for k, g in grid.items()}, projected=projected)
+
+
 def landscape(model, origin, u, v, xs, ys, losses):
     """{name: (len(ys), len(xs)) grid} of each loss function at theta(x, y)."""
     grid = {name: np.zeros((len(ys), len(xs))) for name in losses}
@@ -223,7 +246,7 @@ def plot_landscape(result, path, title):
             ax.plot(x, y, "r*", ms=9)
             ax.annotate(label, (x, y), color="r", fontsize=8)
         ax.set(xlabel=f"x: theta_b - theta_a (steps {result['a']}->{result['b']})", ylabel="y: theta_final - theta_b",
-               title=f"{name.replace('_', ' ')}: {title}")
+               title=f"{name.replace('_', ' ')}: {title}", xlim=(xs[0], xs[-1]), ylim=(ys[0], ys[-1]))
     train.save_figure(fig, path)
 
 
@@ -233,7 +256,7 @@ def plot_angles(groups, path):
     layers = list(dict.fromkeys(k[0] for k in keys))
     comps = list(dict.fromkeys(k[1] for k in keys if k[0] not in ("emb", "head")))
     fig, axes = plt.subplots(1, len(groups) + 1, figsize=(4 * len(groups) + 4, 3.6))
-    for ax, (name, values) in zip(axes, groups.items()):
+    for number, (ax, (name, values)) in enumerate(zip(axes, groups.items()), start=1):
         grid = np.full((len(layers), len(comps) + 1), np.nan)
         for (layer, comp), v in values.items():
             i = layers.index(layer)
@@ -241,11 +264,11 @@ def plot_angles(groups, path):
         im = ax.imshow(grid, vmin=0, vmax=90, cmap="magma", aspect="auto")
         ax.set_xticks(range(len(comps) + 1), comps + ["emb/head"], rotation=45, fontsize=7)
         ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-        ax.set_title(name, fontsize=8)
+        ax.set_title(f"{number}. {name}", fontsize=8)
     fig.colorbar(im, ax=axes[len(groups) - 1], label="degrees")
     axes[-1].violinplot([list(v.values()) for v in groups.values()], showmedians=True)
-    axes[-1].set_xticks(range(1, len(groups) + 1), [g.split(":")[0] for g in groups], fontsize=7)
-    axes[-1].set(ylabel="degrees", ylim=(0, 90), title="all matrices")
+    axes[-1].set_xticks(range(1, len(groups) + 1), [str(i) for i in range(1, len(groups) + 1)])
+    axes[-1].set(ylabel="degrees", ylim=(0, 90), xlabel="group", title="all matrices, by group")
     train.save_figure(fig, path)
 
 
@@ -307,13 +330,8 @@ def main(argv=None):
         top_dir = train.Experiment(top_cfg).run("task1", resume=False)
     pre_dir, task0_dir = train.stage_dir(seq_cfg, "pretrain")[0], train.stage_dir(seq_cfg, "task0")[0]
     print(f"analysing {run_dir}")
-    ckpts = {int(n[5:]): os.path.join(run_dir, "ckpt", n) for n in os.listdir(os.path.join(run_dir, "ckpt"))
-             if n.startswith("step-")}
-    steps_end = train.read_json(os.path.join(run_dir, "final", "training_state.json"))["step"]
-    ckpts[steps_end] = os.path.join(run_dir, "final")
-    ckpts.setdefault(0, os.path.join(task0_dir, "final"))
-    curve = train.read_metrics(run_dir)
-    a, b = collapse_window(curve, ckpts)
+    ckpts, steps_end = checkpoints(run_dir, task0_dir)
+    a, b = collapse_window(train.read_metrics(run_dir), ckpts)
     print(f"collapse window: Task-1 steps {a} -> {b} (where Task-0 exact match falls fastest between saved checkpoints)")
     task0_qa = exp.qa_set("task0_test")
     rng = np.random.default_rng([cfg.seed, 13])
@@ -323,20 +341,12 @@ def main(argv=None):
     idx, mask = left_pad(prompts, exp.tok.pad_id)
     result = {"run": run_dir, "collapse_window": [a, b]}
 
-    # 1. Landscape
+    # 1. Landscape, of the run analysed and of the bottom-freeze run
+    losses = {"task0_loss": lambda m: answer_loss(m, t0_eval), "task1_loss": lambda m: answer_loss(m, t1_eval)}
+    for name, d in (("landscape", run_dir), ("landscape-freeze", bottom_dir)):
+        result[name] = run_landscape(d, task0_dir, losses, resolution)
+        plot_landscape(result[name], os.path.join(out, f"{name}.png"), os.path.basename(d))
     m_a, m_b, m_end = load(ckpts[a]), load(ckpts[b]), load(ckpts[steps_end])
-    origin, u, v = plane(flat(m_a), flat(m_b), flat(m_end))
-    xs, ys = np.linspace(-0.5, 1.5, resolution), np.linspace(-0.5, 1.5, resolution)
-    probe = load(ckpts[a])
-    grid = landscape(probe, origin, u, v, xs, ys, {"task0_loss": lambda m: answer_loss(m, t0_eval),
-                                                  "task1_loss": lambda m: answer_loss(m, t1_eval)})
-    projected = []
-    for step, path in sorted(ckpts.items()):
-        x, y, res = project(flat(load(path)), origin, u, v)
-        projected.append(dict(step=step, x=x, y=y, residual=res))
-    result["landscape"] = dict(a=a, b=b, xs=xs.tolist(), ys=ys.tolist(), **{k2: g.tolist() for k2, g in grid.items()},
-                               projected=projected)
-    plot_landscape(result["landscape"], os.path.join(out, "landscape.png"), os.path.basename(run_dir))
 
     # 2. Weight-update angles
     init = exp.initial_model()
@@ -380,8 +390,11 @@ def main(argv=None):
 
 def report(result):
     a, b = result["collapse_window"]
-    print(f"\nlandscape: plane through Task-1 steps {a}, {b} and the end; projection residuals (0 = on the plane):")
-    print("  " + ", ".join(f"{p['step']}: {p['residual']:.2f}" for p in result["landscape"]["projected"]))
+    for name in ("landscape", "landscape-freeze"):
+        land = result[name]
+        print(f"\n{name}: plane through Task-1 steps {land['a']}, {land['b']} and the end; the checkpoints' (x, y) and"
+              " projection residual (0 = on the plane):")
+        print("  " + ", ".join(f"{p['step']}: ({p['x']:.2f}, {p['y']:.2f}) {p['residual']:.2f}" for p in land["projected"]))
     print("\nweight-update angles (degrees, mean over matrices; per layer in analysis.json):")
     for group, values in result["angles"].items():
         by_layer = {}

@@ -519,7 +519,7 @@ class GradientProjection(Seq):
     @staticmethod
     def project(g, d, rule):
         """g with its rows' components along d's rows taken out (a 1-D tensor is one row)."""
-        g2, d2 = g.reshape(-1, g.shape[-1]) if g.dim() > 1 else g[None], d.reshape(-1, d.shape[-1]) if d.dim() > 1 else d[None]
+        g2, d2 = g.reshape(-1, g.shape[-1]), d.reshape(-1, d.shape[-1])        # (rows, cols); 1-D: one row
         dot = (g2 * d2).sum(-1, keepdim=True)                                    # (rows, 1)
         d_norm = d2.norm(dim=-1, keepdim=True)
         if rule == "exact":

@@ -4,6 +4,7 @@
     python train.py --stage task1 --strategy freeze   # same, freezing the embedding + bottom layers in Task 1
     python train.py --stage headline                  # SEQ + recovery and freeze for seeds 0,1,2: mean +- std
     python train.py --stage freeze-sweep              # Task 1 with k = 0..4 bottom blocks frozen, and SEQ
+    python train.py --stage table                     # every method of the paper's Table 1 (strategies.py)
 
 Stages, in order: pretrain (biographies, from scratch) -> task0 (QA of half the people; tested on the
 other half: knowledge *extraction*) -> task1..taskK (QA of new people) -> recover (the probe: the

@@ -72,8 +72,8 @@ def test_collapse_window_is_the_fastest_fall_between_saved_steps():
 
 def test_tiny_preset_end_to_end(tmp_path):
     out = analysis.main(["--preset", "tiny", "--runs", str(tmp_path)])
-    assert sorted(os.listdir(out)) == ["analysis.json", "feature-shift.png", "fisher-vs-angle.png", "landscape.png",
-                                       "weight-angles.png"]
+    assert sorted(os.listdir(out)) == ["analysis.json", "feature-shift.png", "fisher-vs-angle.png",
+                                       "landscape-freeze.png", "landscape.png", "weight-angles.png"]
     result = analysis.train.read_json(os.path.join(out, "analysis.json"))
     assert "pretraining: 1st half vs 2nd half" in result["angles"]  # a fresh run saves the mid-pretraining model
     projected = {p["step"]: p for p in result["landscape"]["projected"]}
