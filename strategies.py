@@ -138,15 +138,13 @@ class Freeze(Seq):
 
     freeze_embedding = True
 
-    def patterns(self):
-        return [f"layers.{i}" for i in range(self.config.freeze_layers)]
-
     def frozen_blocks(self, n_blocks):
+        k = self.config.freeze_layers
         if self.config.freeze_by == "index":
-            return list(range(min(self.config.freeze_layers, n_blocks)))
+            return list(range(min(k, n_blocks)))
         if self.config.freeze_by == "top":
-            return list(range(max(0, n_blocks - self.config.freeze_layers), n_blocks))
-        return [j for j in range(n_blocks) if any(p in hf_block_name(j) for p in self.patterns())]
+            return list(range(max(0, n_blocks - k), n_blocks))
+        return [j for j in range(n_blocks) if any(f"layers.{i}" in hf_block_name(j) for i in range(k))]
 
     def start(self, ctx):
         super().start(ctx)
@@ -178,9 +176,6 @@ class AuthorsSeq(Freeze):
     @dataclass
     class Config:
         pass
-
-    def patterns(self):
-        return ["layers.1"]
 
     def frozen_blocks(self, n_blocks):
         return [j for j in range(n_blocks) if "layers.1" in hf_block_name(j)]
