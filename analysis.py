@@ -224,6 +224,7 @@ def theory_on_model(before, after, idx, mask, r=4, seed=0):
         trained = [v for v in rho.values() if v]
         rows.append(dict(layer=l, rho=float(np.mean([v["rho"] for v in trained])) if trained else None,
                          rho_random=float(np.mean([v["rho_random"] for v in trained])) if trained else None,
+                         rho_frobenius=float(np.mean([v["rho_frobenius"] for v in trained])) if trained else None,
                          share=share, share_random=random_share,
                          rel_shift=((ha[l + 1] - hb[l + 1]).norm() / hb[l + 1].norm()).item()))
     return rows
@@ -407,11 +408,13 @@ def report(result):
         print(f"  {name:<28} " + " ".join(f"{r['shift']:.2f}" for r in rows))
     f = result["fisher_vs_angle"]
     print(f"\nFisher vs angle: Pearson r = {f['pearson_r']:.3f}, permutation p = {f['p_value']:.3f} (the paper: 0.054, 0.71)")
-    print("\ntheory on the trained model, per block [rho / random rho, share in P / random share, relative shift]:")
+    print("\ntheory on the trained model, per block [rho / random rho, share in P / random share, relative shift],"
+          " and the Frobenius ratio ||dW P||_F / ||dW||_F:")
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731  (None: the matrix was frozen)
     for name, rows in result["theory"].items():
         print(f"  {name:<16} " + "  ".join(f"[{fmt(r['rho'])}/{fmt(r['rho_random'])} {fmt(r['share'])}/"
                                             f"{fmt(r['share_random'])} {r['rel_shift']:.2f}]" for r in rows))
+        print(f"  {'':<16} Frobenius: " + "  ".join(fmt(r["rho_frobenius"]) for r in rows))
 
 
 if __name__ == "__main__":

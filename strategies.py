@@ -52,7 +52,6 @@ class Context:
                               # with the stage's own optimizer settings: for preliminary runs
     evaluate: object          # (model, task) -> exact match: Task 0 on its test people, Task k on its pairs
     checkpoints: dict = field(default_factory=dict)  # step -> directory, filled as the stage saves them
-    steps_per_epoch: int = 0  # set once the strategy has started
     step: int = 0             # the training step, kept current by train.py
     optimizer: object = None  # set when train.py has built it
 

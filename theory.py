@@ -287,6 +287,7 @@ def input_side_check(W_before, W_after, X, r, rng):
     Q = orth(rng.standard_normal((X.shape[0], r)))
     x = np.linalg.norm(X)
     return dict(rho=spec(dW @ P) / spec(dW), rho_random=spec(dW @ Q @ Q.T) / spec(dW),
+                rho_frobenius=np.linalg.norm(dW @ P) / np.linalg.norm(dW),  # the same, energy-wise
                 measured=np.linalg.norm(dW @ X) / (spec(dW) * x),
                 bound=spec(dW @ P) / spec(dW) + np.linalg.norm(X - P @ X) / x)
 

@@ -650,7 +650,7 @@ class Experiment:
         load_strategy_state(strategy, os.path.join(prev_dir, "final"), self.device)
         ctx = self.context(model, task=k, out=out)
         strategy.start(ctx)
-        ctx.steps_per_epoch = steps_per_epoch = len(strategy.epoch(ctx, np.random.default_rng(0)))
+        steps_per_epoch = len(strategy.epoch(ctx, np.random.default_rng(0)))
         epochs = c.task0_epochs if k == 0 else c.task_epochs
         total = epochs * steps_per_epoch
         if k == 0:  # once an epoch
