@@ -14,7 +14,6 @@ name, a value) is tokenized once; a text is then a row of fragment ids ("pieces"
 gather turns all rows into token ids. Text strings are only built when asked for.
 """
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -23,12 +22,13 @@ import os
 import re
 import string
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from model import atomic_write  # the project's one atomic-write helper (temporary file, then rename)
 
 ATTRIBUTES = ("birthday", "birth_city", "university", "major", "company_name", "company_city")
 # The paper's QA templates, verbatim: the answer follows "Answer:" after one space, then EOS.
@@ -267,7 +267,7 @@ class Tokenizer:
         return "".join(self.vocab[i] for i in ids)
 
     def save(self, path):
-        with _atomic_open(path) as f:
+        with atomic_write(path) as f:
             json.dump({"format": "data.py word-level tokenizer", "vocab": self.vocab}, f, indent=0)
 
     @classmethod
@@ -588,40 +588,25 @@ def _arrays_from_pieces(pc: PieceTable, rows, n_prompt_pieces, tokenizer, attrib
 
 # ----------------------------------------------------------------------------- files and command line
 
-@contextlib.contextmanager
-def _atomic_open(path):
-    """Write to a temporary file next to `path`, then rename it over `path`: no half-written files."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            yield f
-        os.chmod(tmp, 0o644)  # mkstemp makes private files; these are ordinary outputs
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_dataset(data: BioData, out_dir):
     """config.json, tokenizer.json, splits.json, people.jsonl, bios.jsonl (the pretraining text: people
     of the 'pretrain' split) and qa.jsonl (every person)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _atomic_open(out / "config.json") as f:
+    with atomic_write(out / "config.json") as f:
         json.dump(dataclasses.asdict(data.config), f, indent=2)
     data.tokenizer.save(out / "tokenizer.json")
-    with _atomic_open(out / "splits.json") as f:
+    with atomic_write(out / "splits.json") as f:
         json.dump({name: ids.tolist() for name, ids in data.splits.items()}, f)
-    with _atomic_open(out / "people.jsonl") as f:
+    with atomic_write(out / "people.jsonl") as f:
         f.writelines(json.dumps({"id": i, "name": p.name} | dataclasses.asdict(p)) + "\n"
                      for i, p in enumerate(data.people))
     pretrain = data.splits["pretrain"]
-    with _atomic_open(out / "bios.jsonl") as f:
+    with atomic_write(out / "bios.jsonl") as f:
         f.writelines(json.dumps({"person_id": int(p), "entry": i % ENTRIES_PER_PERSON, "text": text}) + "\n"
                      for i, (p, text) in enumerate(zip(np.repeat(pretrain, ENTRIES_PER_PERSON),
                                                        data.bio_entries(pretrain))))
-    with _atomic_open(out / "qa.jsonl") as f:
+    with atomic_write(out / "qa.jsonl") as f:
         f.writelines(json.dumps(dataclasses.asdict(q)) + "\n"
                      for q in data.qa_pairs(np.arange(len(data.people))))
 

@@ -429,7 +429,8 @@ def atomic_write(path, mode="w"):
     of one; on an error (a full disk) the temporary file is removed and the old file is left as it was."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
+        text = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}  # the same bytes on every platform
+        with os.fdopen(fd, mode, **text) as f:
             yield f
         os.chmod(tmp, 0o644)  # mkstemp makes private files; these are ordinary outputs
         os.replace(tmp, path)

@@ -25,11 +25,12 @@ so that X_l = (I + E_l) X_0 with ||E_l||_2 <= beta_l by (a), hence ||P_l - P_0||
 import argparse
 import math
 import os
-import tempfile
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
+from model import atomic_write  # the project's one atomic-write helper
 
 
 @dataclass
@@ -419,11 +420,8 @@ def tightness(measured, relation, bound):
 
 
 def save_fig(fig, path):
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)  # readers never see a half-written PNG
+    with atomic_write(path, "wb") as f:  # readers never see a half-written PNG
+        fig.savefig(f, format="png", dpi=120)
 
 
 def plot(out_dir):
