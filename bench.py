@@ -1,43 +1,229 @@
 """Benchmarks that print ratios, not pass/fail: run them by hand, put the figures in the README.
 
     python bench.py model     # training tokens/s, our Transformer vs transformers' GPTNeoXForCausalLM
+    python bench.py flops     # training FLOP/s as a share of this machine's measured matmul peak
+    python bench.py eval      # greedy exact-match decoding, generated tokens/s, ours vs transformers' generate
+    python bench.py run       # where the time of `python train.py` went (its summary.json files), and the
+                              # whole run's useful training FLOPs / (wall clock x peak)
+    python bench.py train --preset paper --steps 20   # tokens/s and MFU of real training steps on this
+                              # device (a GPU: bf16 autocast, fused AdamW), and the paper run's time from them
 
-Both models get the same config, weights, batch, optimizer and threads, in the same process; the
-timed steps alternate between them so that machine noise hits both alike.
+Each ratio is measured in one process, against a reference measured in the same process: the matmul
+peak (a large square product in the training dtype) or transformers on the same model and inputs.
 """
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads
+import numpy as np
 import torch
 
-from model import Transformer
+import data
+import train
+from model import Transformer, left_pad
+
+# The paper's run, in optimizer steps (paper-notes section 3): 80 pretraining epochs of 1,000 steps of
+# 96 x 512 tokens, then Task 0 (10 epochs) and Task 1 (25 epochs) at 6,250 and 2,500 steps an epoch.
+PAPER_STEPS = {"pretrain": 80_000, "fine-tune": 62_500 + 62_500}
+# Datasheet dense bf16 peaks (FLOP/s), the usual denominator of MFU, by a piece of torch's device name.
+DATASHEET_BF16 = {"H200": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "A100": 312e12}
 
 
-def train_step_timer(model, batch, lr=1e-4):
-    """A closure doing one forward + backward + AdamW step; returns seconds taken."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    inputs, targets = batch[:, :-1], batch[:, 1:]
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-    def step(loss_of):
+
+def seconds_of(fn, device, warmup=3, reps=10, best=False):
+    """The median (or best) wall-clock seconds of reps calls of fn, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
         start = time.perf_counter()
-        loss = loss_of(model, inputs, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-    return step
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times) if best else statistics.median(times)
 
 
-def ours_loss(model, inputs, targets):
-    return model(inputs, targets)[1]
+def matmul_peak(device, dtype, n=None):
+    """FLOP/s of a large square matrix product, the best of 20: the most this device does in `dtype`, the
+    denominator of every utilisation figure here."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / seconds_of(lambda: a @ b, device, reps=20, best=True)
 
 
-def hf_loss(model, inputs, targets):
-    logits = model(inputs).logits
-    return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+def train_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32  # train.autocast's choice
+
+
+def step_fn(model, batch):
+    """One training step as train.py takes it (train.train_step, its AdamW); returns a closure."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = train.make_optimizer(params, lr=1e-4, weight_decay=0.01)
+    return lambda: train.train_step(model, opt, params, batch, strategy=train.Seq(), ctx=None)
+
+
+def step_flops(model, batch):
+    meter = train.Meter()
+    meter.count(model, batch[0], batch[2])
+    return float(meter.train_flops), int(meter.train_tokens)
+
+
+def preset_model(preset, device):
+    cfg = train.parse_args(["--preset", preset])[0]
+    torch.manual_seed(0)
+    return cfg, Transformer(train.model_config(cfg, data.build_tokenizer().vocab_size)).to(device)
+
+
+def pretrain_batch(cfg, vocab_size, device):
+    rows = torch.randint(0, vocab_size, (cfg.pretrain_batch, cfg.context + 1), device=device)
+    return rows[:, :-1], rows[:, 1:], None
+
+
+def qa_batch(cfg, device):
+    """A real QA fine-tuning batch of the cpu data (prompt, answer, EOS; right-padded; loss on the answer)."""
+    tok = data.build_tokenizer()
+    bio = data.build_dataset(train.data_config(train.parse_args(["--preset", "cpu"])[0]), tok)
+    qa = train.QASet.from_arrays(data.qa_arrays(bio, bio.splits["task0_train"], tok), device)
+    return train.qa_batches(qa, cfg.ft_batch, np.random.default_rng(0))[0]
+
+
+def time_split(step):
+    """Shares of one step's CPU time in matrix products (and attention) and in everything else."""
+    matmul_ops = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+    with torch.profiler.profile() as prof:
+        for _ in range(3):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in matmul_ops) / total
+
+
+def bench_flops(args):
+    device = torch.device("cpu")
+    peak = matmul_peak(device, torch.float32)
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; fp32 matmul peak (2048^2): "
+          f"{peak / 1e9:.0f} GFLOP/s")
+    torch.manual_seed(0)
+    bench_model = Transformer(train.ModelConfig(model_type="gpt_neox", vocab_size=8192, n_layer=6, n_head=8,
+                                                d_model=256, d_ff=1024, max_seq_len=256))
+    rows = torch.randint(0, 8192, (8, 257))
+    cpu_cfg, cpu_model = preset_model("cpu", device)
+    cases = [("bench model (6 x 256), 8 x 256 tokens", bench_model, (rows[:, :-1], rows[:, 1:], None)),
+             ("cpu preset, pretraining 16 x 128", cpu_model, pretrain_batch(cpu_cfg, cpu_model.cfg.vocab_size, device)),
+             ("cpu preset, QA fine-tuning 48 pairs", cpu_model, qa_batch(cpu_cfg, device))]
+    print(f"{'case':<40}{'ms/step':>9}{'GFLOP/s':>9}{'of peak':>9}{'in matmuls':>12}")
+    for name, model, batch in cases:
+        step = step_fn(model.train(), batch)
+        seconds = seconds_of(step, device)
+        flops, _ = step_flops(model, batch)
+        print(f"{name:<40}{seconds * 1e3:>9.1f}{flops / seconds / 1e9:>9.1f}{flops / seconds / peak:>9.2f}"
+              f"{time_split(step):>12.2f}")
+
+
+def bench_train(args):
+    """Real training steps of a preset's model on random tokens (throughput does not depend on the text)."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    cfg, model = preset_model(args.preset, device)
+    dtype = train_dtype(device)
+    peak = matmul_peak(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    datasheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
+    print(f"{args.preset} preset: {model.num_params() / 1e6:.1f}M parameters on {name}; {dtype} matmul peak "
+          f"{peak / 1e12:.2f} TFLOP/s measured" + (f", {datasheet / 1e12:.0f} on the datasheet" if datasheet else ""))
+    net = torch.compile(model) if args.compile else model  # the same parameters either way
+    seconds = {}
+    for kind, batch in [("pretrain", pretrain_batch(cfg, model.cfg.vocab_size, device)),
+                        ("fine-tune", qa_batch(cfg, device))]:
+        step = step_fn(net, batch)
+        seconds[kind] = seconds_of(step, device, warmup=3, reps=args.steps)
+        flops, tokens = step_flops(model, batch)
+        rate = flops / seconds[kind]
+        print(f"  {kind:<10} batch {tuple(batch[0].shape)}: {seconds[kind] * 1e3:8.1f} ms/step, "
+              f"{tokens / seconds[kind]:10.0f} tokens/s, MFU {rate / peak:.2f} of the measured peak"
+              + (f", {rate / datasheet:.2f} of the datasheet's" if datasheet else ""))
+    if args.preset == "paper":
+        hours = sum(PAPER_STEPS[k] * seconds[k] for k in PAPER_STEPS) / 3600
+        print(f"  the paper's run ({PAPER_STEPS['pretrain']:,} pretraining + {PAPER_STEPS['fine-tune']:,} "
+              f"fine-tuning steps) at these rates: {hours:.1f} h of training steps (evaluation not included)")
+
+
+def bench_eval(args):
+    """Greedy decoding of the cpu preset's Task-0 test prompts in one batch, as train.evaluate runs it."""
+    import transformers  # test-only dependency (requirements-dev.txt)
+    cfg, ours = preset_model("cpu", torch.device("cpu"))
+    if args.checkpoint:
+        ours = Transformer.from_pretrained(args.checkpoint)
+    ours.eval()
+    tok = data.build_tokenizer()
+    bio = data.build_dataset(train.data_config(cfg), tok)
+    qa = train.QASet.from_arrays(data.qa_arrays(bio, bio.splits["task0_test"], tok), "cpu")
+    prompts, answers = qa.prompts[:cfg.eval_subset], qa.answers[:cfg.eval_subset]
+    max_new = max(map(len, answers))
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
+    idx, mask = left_pad(prompts, tok.pad_id)
+
+    def run_evaluate():  # what train.py runs: one teacher-forced pass decides exact match (train.evaluate)
+        train.evaluate(ours, qa.subset(range(len(prompts))), tok)
+
+    def run_ours():
+        return ours.generate(prompts, max_new, eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                              eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        rows = out[:, idx.shape[1]:].tolist()
+        return [r[:r.index(tok.eos_id) + 1] if tok.eos_id in r else r for r in rows]
+
+    print(f"{len(prompts)} prompts in one batch, up to {max_new} new tokens, {torch.get_num_threads()} threads, "
+          f"weights: {args.checkpoint or 'random (cpu preset shape)'}; transformers {transformers.__version__}")
+    outputs = {"ours, KV-cache generate": run_ours(), "transformers generate": run_hf()}
+    same = sum(a == b for a, b in zip(*outputs.values())) / len(prompts)
+    print(f"greedy outputs identical on {same:.1%} of prompts")
+    seconds = {}
+    for name, fn in [("ours, train.evaluate", run_evaluate), ("ours, KV-cache generate", run_ours),
+                     ("transformers generate", run_hf)]:
+        seconds[name] = seconds_of(fn, torch.device("cpu"), warmup=1, reps=args.reps)
+        print(f"{name:>24}: {seconds[name] * 1e3:8.1f} ms, {len(prompts) / seconds[name]:8.0f} QA pairs judged/s")
+    reference = seconds["transformers generate"]
+    print(f"speed-up over transformers generate: evaluate {reference / seconds['ours, train.evaluate']:.2f}x, "
+          f"generate {reference / seconds['ours, KV-cache generate']:.2f}x  (target >= 2)")
+
+
+def bench_run(args):
+    """The stages of `python train.py --preset P` (as cached in runs/): time by kind and utilisation."""
+    cfg = train.parse_args(["--preset", args.preset, "--runs", args.runs])[0]
+    peak = matmul_peak(torch.device("cpu"), torch.float32)
+    totals, flops, wall = {}, 0.0, 0.0
+    print(f"{'stage':<10}{'seconds':>9}" + "".join(f"{k:>11}" for k in ("train", "eval", "checkpoint", "strategy",
+                                                                        "other")) + f"{'TFLOP':>8}")
+    for stage in train.stage_names(cfg):
+        path = os.path.join(train.stage_dir(cfg, stage)[0], "summary.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"{path}: missing; run `python train.py --preset {args.preset}` first")
+        summary = train.read_json(path)
+        if "time_s" not in summary:
+            raise SystemExit(f"{path}: made before summaries split their time; delete the run and rerun it")
+        wall += summary["seconds"]
+        flops += summary["train_flops"]
+        for k, v in summary["time_s"].items():
+            totals[k] = totals.get(k, 0.0) + v
+        print(f"{stage:<10}{summary['seconds']:>9.1f}" + "".join(f"{v:>11.1f}" for v in summary["time_s"].values())
+              + f"{summary['train_flops'] / 1e12:>8.2f}")
+    print(f"{'total':<10}{wall:>9.1f}" + "".join(f"{v:>11.1f}" for v in totals.values()) + f"{flops / 1e12:>8.2f}")
+    print(f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; useful training FLOPs / (wall clock x peak) = "
+          f"{flops / (wall * peak):.2f}; training steps alone: {flops / (totals['train'] * peak):.2f}")
 
 
 def bench_model(args):
@@ -50,18 +236,28 @@ def bench_model(args):
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = Transformer.from_pretrained(tmp).train()
-    batch = torch.randint(0, hf_config.vocab_size, (args.batch, args.seq_len + 1))
-    steps = {"ours": (train_step_timer(ours, batch), ours_loss), "transformers": (train_step_timer(hf, batch), hf_loss)}
+    rows = torch.randint(0, hf_config.vocab_size, (args.batch, args.seq_len + 1))
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+    losses = {"ours": lambda: ours(inputs, targets)[1],
+              "transformers": lambda: torch.nn.functional.cross_entropy(
+                  hf(inputs).logits.flatten(0, 1), targets.reshape(-1))}
+    opts = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-4), "transformers": torch.optim.AdamW(hf.parameters(), lr=1e-4)}
+
+    def step(name):
+        start = time.perf_counter()
+        losses[name]().backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        return time.perf_counter() - start
     print(f"GPT-NeoX {ours.num_params() / 1e6:.1f}M params, batch {args.batch} x {args.seq_len}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}")
-    times = {name: [] for name in steps}
-    for i in range(args.warmup + args.steps):
-        for name, (step, loss_of) in steps.items():
-            seconds = step(loss_of)
-            if i >= args.warmup:
+    times = {name: [] for name in losses}
+    for i in range(3 + args.steps):  # alternate, so that machine noise hits both alike
+        for name in losses:
+            seconds = step(name)
+            if i >= 3:
                 times[name].append(seconds)
-    tokens = args.batch * args.seq_len
-    rate = {name: tokens / sorted(t)[len(t) // 2] for name, t in times.items()}  # median step
+    rate = {name: args.batch * args.seq_len / statistics.median(t) for name, t in times.items()}
     for name, r in rate.items():
         print(f"{name:>13}: {r:9.0f} training tokens/s")
     print(f"ratio ours / transformers: {rate['ours'] / rate['transformers']:.2f}  (target >= 1.0)")
@@ -69,9 +265,15 @@ def bench_model(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["model"], help="which benchmark to run")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=15)
-    bench_model(parser.parse_args())
+    parser.add_argument("what", choices=["model", "flops", "eval", "run", "train"], help="which benchmark to run")
+    parser.add_argument("--batch", type=int, default=8, help="model: sequences per step")
+    parser.add_argument("--seq-len", type=int, default=256, help="model: tokens per sequence")
+    parser.add_argument("--steps", type=int, default=15, help="model, train: timed steps")
+    parser.add_argument("--reps", type=int, default=5, help="eval: timed repetitions")
+    parser.add_argument("--checkpoint", help="eval: a checkpoint directory to decode with (default: random weights)")
+    parser.add_argument("--preset", default="cpu", help="run, train: the preset (default: cpu)")
+    parser.add_argument("--runs", default="runs", help="run: the runs directory (default: runs)")
+    parser.add_argument("--cpu", action="store_true", help="train: stay on the CPU even if a GPU is present")
+    parser.add_argument("--compile", action="store_true", help="train: torch.compile the model first")
+    args = parser.parse_args()
+    {"model": bench_model, "flops": bench_flops, "eval": bench_eval, "run": bench_run, "train": bench_train}[args.what](args)

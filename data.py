@@ -94,6 +94,7 @@ class DataConfig:
 PRESETS = {
     "tiny": DataConfig(n_people=50, task_size=25, n_tasks=2, name_pools=(5, 5, 5)),  # tests and CI
     "cpu": DataConfig(n_people=500, task_size=200, n_tasks=1, name_pools=(25, 25, 35)),  # train.py's default
+    "deep": DataConfig(n_people=300, task_size=120, n_tasks=1, name_pools=(15, 15, 20)),  # the 8-block freeze sweep
     "paper": DataConfig(n_people=100_000, task_size=20_000, n_tasks=5),  # the paper's scale and pools
 }
 

@@ -223,7 +223,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)                              # (B, H_kv, S, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.cfg.n_kv_head != self.cfg.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -314,6 +314,19 @@ class Transformer(nn.Module):
             n -= self.embed.weight.numel() + (0 if self.cfg.tie_embeddings else self.lm_head.weight.numel())
         return n
 
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + a backward costing twice the forward), split as (body, head)
+        because QA fine-tuning runs the head at the answer positions only. 6 per weight of every matrix
+        product, plus 6 x 2 x seq_len x n_head x head_dim per block for attention's two products (scores
+        and weighted values; the causal mask's skipped half counted, as in PaLM, Chowdhery et al. 2022,
+        appendix B). Norms, activations, the embedding lookup and the optimizer are not counted: this is
+        the useful work a utilisation figure divides by the machine's matmul peak."""
+        c = self.cfg
+        attn_weights = c.d_model * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.d_model
+        mlp_weights = (3 if c.mlp == "swiglu" else 2) * c.d_model * c.d_ff
+        attention = 2 * 2 * seq_len * c.n_head * c.head_dim                    # forward, per token per block
+        return c.n_layer * (6 * (attn_weights + mlp_weights) + 3 * attention), 6 * c.d_model * c.vocab_size
+
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, return_hidden=False, cache=None,
                 last_only=False):
         """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy over masked targets.
@@ -322,9 +335,10 @@ class Transformer(nn.Module):
         padding may sit on the left, as in batched generation. return_hidden adds the residual stream:
         hidden[0] after the embedding, hidden[l] after block l (before the final norm), each (B, T, C).
         last_only computes logits (B, 1, V) for the last position alone: all that decoding needs.
-        With a loss_mask, only the masked positions go through the final norm and the head, and logits is
-        None: in QA fine-tuning the loss covers the answer alone, a quarter of the positions, and the head
-        (vocabulary x width) is a large share of a small model's compute.
+        With a loss_mask (B, T), only the masked positions go through the final norm and the head, and logits
+        is (N, V) for the N masked positions in row-major order: in QA fine-tuning the loss covers the answer
+        alone, a quarter of the positions, and the head (vocabulary x width) is a large share of a small
+        model's compute.
         """
         B, T = idx.shape
         if last_only and targets is not None:
@@ -358,9 +372,10 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.len += T
         logits = loss = None
-        if targets is not None and loss_mask is not None:
-            picked = self.lm_head(self.norm_f(x[loss_mask]))                    # (N, V), N masked positions
-            loss = F.cross_entropy(picked.float(), targets[loss_mask], reduction="sum") / max(1, len(picked))
+        if loss_mask is not None:
+            logits = self.lm_head(self.norm_f(x[loss_mask]))                    # (N, V), N masked positions
+            if targets is not None:
+                loss = F.cross_entropy(logits.float(), targets[loss_mask], reduction="sum") / max(1, len(logits))
         else:
             logits = self.lm_head(self.norm_f(x[:, -1:] if last_only else x))  # (B, T, V)
             if targets is not None:
@@ -368,21 +383,19 @@ class Transformer(nn.Module):
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, eos_id=None, pad_id=0, return_first_logits=False, top_k=None,
-                 generator=None):
+    def generate(self, prompts, max_new_tokens, eos_id=None, pad_id=0, top_k=None, generator=None):
         """Batched decoding with a KV cache: greedy, or with top_k sampling from the k likeliest tokens
         (drawn from `generator`). prompts: list of token-id lists, any lengths.
 
         Prompts are left-padded so they all end at the same column. Returns one list of new tokens per
-        prompt, ending with eos_id where the model produced it; with return_first_logits, also the logits
-        (B, V) that chose the first new token, so an evaluation needs no second pass over the prompts.
+        prompt, ending with eos_id where the model produced it. (Exact-match evaluation needs no decoding:
+        see train.evaluate.)
         """
         device = self.embed.weight.device
         idx, mask = left_pad(prompts, pad_id, device)
         B, T = idx.shape
         cache = KVCache(self.cfg, B, T + max_new_tokens, self.embed.weight.dtype, device)
         logits, _ = self(idx, attention_mask=mask, cache=cache, last_only=True)
-        first_logits = logits[:, -1]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for step in range(max_new_tokens):
@@ -402,7 +415,7 @@ class Transformer(nn.Module):
         rows = torch.stack(out, dim=1).tolist()
         if eos_id is not None:
             rows = [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]
-        return (rows, first_logits) if return_first_logits else rows
+        return rows
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32):

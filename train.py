@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts threa
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import errno
 import functools
 import glob
@@ -123,9 +124,10 @@ PRESETS = {
                  dense_until=6, sparse_every=4, state_every=3,
                  strategy_args=dict(gp_window="1,3", gp_runs=2, tv_every=1)),
     "cpu": dict(),
-    # The cpu data on a thin model twice as deep, for the freeze sweep over k = 0..8 (paper Fig. 7a). A thin
-    # deep model learns slowly: 16 passes memorise 0.64 of the biography values, 32 passes 0.94.
-    "deep": dict(data="cpu", n_layer=8, d_model=64, n_head=4, d_ff=256, pretrain_epochs=32, dense_until=0),
+    # A thin model twice as deep as cpu's, for the freeze sweep over k = 0..8 (paper Fig. 7a) in <= 30 min:
+    # 3/5 of the cpu population, and one fine-tuning lr of 2e-4 for all its stages (at 1e-4 a thin deep
+    # model had not learnt Task 1 to 0.99 in 60 epochs; README, "Depth").
+    "deep": dict(n_layer=8, d_model=96, n_head=4, d_ff=384, pretrain_epochs=20, ft_lr=2e-4, dense_until=0),
     "paper": dict(n_layer=12, d_model=768, n_head=12, d_ff=3072,
                   context=512, pretrain_epochs=80, pretrain_batch=96, pretrain_lr=1e-3, pretrain_min_lr=1e-4,
                   pretrain_warmup=1000, ft_wd=0.01, ft_lr=5e-6, task0_epochs=10, task_epochs=25,
@@ -228,23 +230,36 @@ def pretrain_batches(entries, cfg, tok, rng, device):
 
 
 @torch.no_grad()
-def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=2048):
+def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=1024):
     """First-token accuracy at the answer position, hard (argmax) and soft (probability), and exact match
-    (greedy decoding must give the answer, then EOS); each per attribute, then averaged over attributes."""
+    (greedy decoding must give the answer, then EOS); each per attribute, then averaged over attributes.
+
+    Exact match needs no decoding loop: greedy decoding writes the answer exactly when, fed the answer's
+    own prefix, the model's argmax is the next answer token at every answer position, EOS included. So one
+    causal pass over prompt + answer + EOS (teacher forcing), read at those positions, decides it; right
+    padding after a row cannot change what its earlier positions see. Without exact_match the pass reads
+    the first answer position only.
+    """
     was_training = model.training
     model.eval()
     per_sample = {"first_token": [], "first_token_prob": []} | ({"em": []} if exact_match else {})
     for s in range(0, len(qa), batch_size):
-        rows, first = slice(s, s + batch_size), qa.answer_first[s:s + batch_size]
-        answers = qa.answers[rows]
-        # Greedy decoding; its first step's logits predict the answer's first token, for the first-token metrics.
-        generated, at_answer = model.generate(qa.prompts[rows], max(map(len, answers)) if exact_match else 1,
-                                              eos_id=tok.eos_id, pad_id=tok.pad_id, return_first_logits=True)
-        at_answer = at_answer.float()                                      # (B, V)
+        rows = slice(s, s + batch_size)
+        if exact_match:  # the set's own rows: prompt + answer + EOS, right-padded
+            inputs, targets, read = qa.batch(range(s, min(s + batch_size, len(qa))))      # (B, W-1) each
+        else:  # the prompts as given (a caller may have shortened them) and the answer's first token
+            pairs = QASet.from_pairs(qa.prompts[rows], [a[:1] for a in qa.answers[rows]], tok.pad_id, qa.tokens.device)
+            inputs, targets, read = pairs.tokens[:, :-1], pairs.tokens[:, 1:], pairs.loss_mask[:, 1:]
+        logits, _ = model(inputs, loss_mask=read)                  # (N, V): the answer positions, row by row
+        n = read.sum(1)                                             # (B,) answer tokens of each row
+        at_answer = logits[n.cumsum(0) - n].float()                 # (B, V): each row's first answer position
+        first = qa.answer_first[rows]
         per_sample["first_token"].append((at_answer.argmax(-1) == first).float().cpu())
         per_sample["first_token_prob"].append(at_answer.softmax(-1).gather(1, first[:, None])[:, 0].cpu())
         if exact_match:
-            per_sample["em"].append(torch.tensor([g == a for g, a in zip(generated, answers)], dtype=torch.float))
+            wrong = (logits.argmax(-1) != targets[read]).float()   # (N,)
+            row_of = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)
+            per_sample["em"].append((torch.zeros(len(n), device=n.device).index_add_(0, row_of, wrong) == 0).float().cpu())
     model.train(was_training)
     attribute = qa.attribute.cpu()
     out = {}
@@ -282,6 +297,8 @@ def cl_metrics(R):
 
 
 def write_text(path, text):
+    if not DIST.main:  # under torchrun, rank 0 alone writes files
+        return
     with atomic_write(path) as f:
         f.write(text)
 
@@ -298,6 +315,8 @@ def read_json(path):
 def save_checkpoint(model, tok, path, info, strategy=None):
     """An HF checkpoint directory plus tokenizer.json and training_state.json, appearing all at once; with
     a strategy, also what it carries to the next task (strategy.safetensors + strategy.json)."""
+    if not DIST.main:
+        return
     tmp = f"{path}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -349,6 +368,8 @@ def load_strategy_state(strategy, checkpoint, device):
 def save_state(model, opt, out, step, stopped):
     """Everything needed to continue a stage exactly: weights, AdamW moments, step, torch RNG.
     (Batch order needs no state: each epoch's order is drawn from its own seeded generator.)"""
+    if not DIST.main:
+        return
     state_dir = os.path.join(out, "state")
     name = f"step-{step:07d}"
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | {"torch_rng": torch.get_rng_state()}
@@ -384,6 +405,78 @@ def load_state(model, opt, out):
         raise UserError(f"cannot resume from {path}: {e}") from None
 
 # -----------------------------------------------------------------------------------------------
+# Several processes: torchrun and DistributedDataParallel
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+DIST = Dist()  # one process, unless init_distributed() joined a torchrun group
+
+
+def init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs) and take this
+    rank's GPU. Every rank builds the same data and draws the same batches from the seed; in each step it
+    trains on its slice of the global batch and DDP averages the gradients, so the step equals one process's
+    step on the whole batch. Rank 0 alone evaluates and writes files; the others wait at the next collective."""
+    global DIST
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    DIST = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(DIST.local_rank)
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                         timeout=datetime.timedelta(minutes=60))  # rank 0 may evaluate a while
+    if not DIST.main:
+        sys.stdout = open(os.devnull, "w")  # one copy of the progress report
+
+
+def barrier():
+    """Wait until every rank is here (so files rank 0 wrote can be read)."""
+    if DIST.world > 1:
+        torch.distributed.barrier()
+
+
+def shard(batch):
+    """This rank's rows of a global batch, and the weight that makes DDP's mean of the ranks' mean losses the
+    whole batch's mean loss: (this rank's loss tokens / the batch's) x ranks. Always a loss mask under DDP,
+    so that a rank left with no rows (a batch smaller than the world) still gives a loss of 0."""
+    inputs, targets, mask = batch
+    if DIST.world == 1:
+        return batch, None
+    if mask is None:
+        mask = torch.ones_like(targets, dtype=torch.bool)
+    rows = slice(DIST.rank, None, DIST.world)
+    share = mask[rows].sum() / mask.sum()
+    return (inputs[rows], targets[rows], mask[rows]), share * DIST.world
+
+
+def mean_over_ranks(loss, weight):
+    """The global batch's mean loss from every rank's weighted one (every rank must call it)."""
+    if DIST.world == 1:
+        return loss.item()
+    total = (loss.detach() * weight / DIST.world).reshape(1)
+    torch.distributed.all_reduce(total)
+    return total.item()
+
+
+def agree(flag):
+    """Rank 0's answer, on every rank."""
+    if DIST.world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())
+
+# -----------------------------------------------------------------------------------------------
 # The training loop, shared by every stage
 
 
@@ -407,6 +500,39 @@ class Phase:
     save_steps: set = field(default_factory=set)
 
 
+class Meter:
+    """Where a stage's wall-clock time goes (training steps, evaluations, checkpoints, a strategy's own work)
+    and the useful training FLOPs done (Transformer.flops_per_token), for its summary.json."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(("train", "eval", "checkpoint", "strategy"), 0.0)
+        self.train_flops = 0.0
+        self.train_tokens = 0
+
+    @contextlib.contextmanager
+    def time(self, kind):
+        start = time.perf_counter()
+        yield
+        self.seconds[kind] += time.perf_counter() - start
+
+    def count(self, model, inputs, loss_mask):
+        """Add one step's useful FLOPs: each row up to its last loss position (the padding after it is
+        waste), and the head at the loss positions only when there is a loss mask."""
+        body, head = model.flops_per_token(seq_len=inputs.shape[1])
+        if loss_mask is None:
+            tokens = head_tokens = inputs.numel()
+        else:  # kept as device tensors: reading them every step would stall a GPU
+            last = loss_mask.shape[1] - loss_mask.flip(1).int().argmax(1)      # (B,) tokens up to the last loss position
+            tokens, head_tokens = last.sum().double(), loss_mask.sum().double()
+        self.train_flops += body * tokens + head * head_tokens
+        self.train_tokens += tokens
+
+    def summary(self, total_seconds):
+        return {"time_s": {k: round(v, 1) for k, v in self.seconds.items()}
+                | {"other": round(total_seconds - sum(self.seconds.values()), 1)},
+                "train_flops": float(self.train_flops), "train_tokens": int(self.train_tokens)}
+
+
 def every_epoch(epochs, steps_per_epoch, every=1):
     """Step 0, every `every`-th epoch's end, and the last step."""
     return set(range(0, epochs * steps_per_epoch + 1, every * steps_per_epoch)) | {epochs * steps_per_epoch}
@@ -419,9 +545,10 @@ def lr_at(step, phase):
     return phase.min_lr + (phase.lr - phase.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_loop(model, phase: Phase, out, cfg, tok, resume):
+def train_loop(model, phase: Phase, out, cfg, tok, resume, meter):
     """Train one stage into `out`; returns (steps taken, stopped early?). Parameters with requires_grad
-    False (a frozen strategy's) stay out of the optimizer, and so bit-identical."""
+    False (a frozen strategy's) stay out of the optimizer, and so bit-identical. `meter` adds up where the
+    time goes and the FLOPs done."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=phase.lr, weight_decay=phase.weight_decay)
     strategy, ctx = phase.strategy, phase.ctx
@@ -434,18 +561,24 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
         print(f"  {phase.name}: resuming at step {step}")
     metrics_path = os.path.join(out, "metrics.jsonl")
     kept = [line for line in read_jsonl(metrics_path) if line["step"] <= step] if step else []
-    with atomic_write(metrics_path) as f:  # drop records written after the state we resume from
-        f.writelines(json.dumps(line) + "\n" for line in kept)
+    write_text(metrics_path, "".join(json.dumps(line) + "\n" for line in kept))  # drop records after the state
+    net = model if DIST.world == 1 else torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 
     def log(extra):
-        record = {"stage": phase.name, "step": step, **extra} | {
-            name: fn(model) for name, (fn, points) in phase.evals.items() if step in points or step == phase.total}
-        with open(metrics_path, "a") as metrics:  # one line per evaluation: a kill loses at most that line
+        """Evaluate (rank 0) and append one line to metrics.jsonl: a kill loses at most that line."""
+        if not DIST.main:
+            return {}
+        with meter.time("eval"):
+            record = {"stage": phase.name, "step": step, **extra} | {
+                name: fn(model) for name, (fn, points) in phase.evals.items() if step in points or step == phase.total}
+        with open(metrics_path, "a") as metrics:
             metrics.write(json.dumps(record) + "\n")
         return record
 
     def checkpoint():
-        save_checkpoint(model, tok, path=os.path.join(out, "ckpt", f"step-{step:07d}"), info={"step": step, "task": phase.task})
+        with meter.time("checkpoint"):
+            save_checkpoint(model, tok, path=os.path.join(out, "ckpt", f"step-{step:07d}"),
+                            info={"step": step, "task": phase.task})
 
     eval_points = set().union(*(points for _, points in phase.evals.values()))
     if step == 0:
@@ -453,44 +586,64 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume):
             log({})
         if 0 in phase.save_steps:
             checkpoint()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if params[0].is_cuda else contextlib.nullcontext()
-    bar = tqdm(total=phase.total, initial=step, desc=phase.name, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=phase.total, initial=step, desc=phase.name, leave=False, dynamic_ncols=True, disable=not DIST.main)
     batches = None
     while step < phase.total and not stopped:
-        epoch, i = divmod(step, phase.steps_per_epoch)
-        if i == 0 or batches is None:  # each epoch's order comes from its own seeded generator: resumable
-            batches = list(phase.make_epoch(np.random.default_rng([cfg.seed, phase.task + 1, epoch])))
-        inputs, targets, mask = batches[i]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, phase)
-        with autocast:
-            _, loss = model(inputs, targets, loss_mask=mask)
-            loss = strategy.loss(ctx, (inputs, targets, mask), loss)
-        loss.backward()
-        strategy.after_backward(ctx)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with meter.time("train"):
+            epoch, i = divmod(step, phase.steps_per_epoch)
+            if i == 0 or batches is None:  # each epoch's order comes from its own seeded generator: resumable
+                batches = list(phase.make_epoch(np.random.default_rng([cfg.seed, phase.task + 1, epoch])))
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, phase)
+            local_batch, weight = shard(batches[i])
+            loss = train_step(net, opt, params, local_batch, strategy, ctx, weight)
+            meter.count(model, batches[i][0], batches[i][2])  # the whole global batch
         step += 1
         if ctx is not None:
             ctx.step = step
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 10 == 0:  # reading the loss waits for the step to finish: not every step, on a GPU
+            bar.set_postfix(loss=f"{mean_over_ranks(loss, weight):.3f}")
         if step in eval_points or step == phase.total:
-            record = log({"loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
-            stopped = phase.early_stop > 0 and record.get("current", {}).get("em", 0) >= phase.early_stop
+            record = log({"loss": mean_over_ranks(loss, weight), "lr": opt.param_groups[0]["lr"]})
+            stopped = agree(phase.early_stop > 0 and record.get("current", {}).get("em", 0) >= phase.early_stop)
         if step in phase.save_steps:
             checkpoint()
         if step % cfg.state_every == 0 or step == phase.total or stopped:
-            save_state(model, opt, out=out, step=step, stopped=stopped)
+            with meter.time("checkpoint"):
+                save_state(model, opt, out=out, step=step, stopped=stopped)
     bar.close()
+    barrier()  # the others may now read what rank 0 wrote
     return step, stopped
+
+
+def train_step(model, opt, params, batch, strategy, ctx, weight=None):
+    """One optimizer step on batch = (inputs, targets, loss_mask); returns the loss. On a GPU the matrix
+    products run in bf16 under autocast (weights, gradients and AdamW state stay fp32); a CPU computes in fp32.
+    `weight` scales this rank's loss under DDP (see shard)."""
+    inputs, targets, mask = batch
+    with autocast(inputs.device.type):
+        _, loss = model(inputs, targets, loss_mask=mask)
+        loss = strategy.loss(ctx, batch, loss)
+    (loss if weight is None else loss * weight).backward()
+    strategy.after_backward(ctx)
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def autocast(device_type):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else contextlib.nullcontext()
 
 
 def make_optimizer(params, lr, weight_decay):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=params[0].is_cuda)
+    # Fused on a GPU (one kernel for every tensor); on a CPU the foreach form, which gives the same bits as the
+    # plain loop (checked) in fewer calls. (CPU-fused AdamW is faster still but rounds differently.)
+    cuda = params[0].is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=cuda or None, foreach=not cuda or None)
 
 
 def fine_tuning_steps(model, qa, seed, cfg):
@@ -499,12 +652,8 @@ def fine_tuning_steps(model, qa, seed, cfg):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=cfg.ft_lr, weight_decay=cfg.ft_wd)
     for epoch in itertools.count():
-        for inputs, targets, mask in qa_batches(qa, cfg.ft_batch, np.random.default_rng([*seed, epoch])):
-            _, loss = model(inputs, targets, loss_mask=mask)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        for batch in qa_batches(qa, cfg.ft_batch, np.random.default_rng([*seed, epoch])):
+            train_step(model, opt, params, batch, strategy=Seq(), ctx=None)
             yield
 
 # -----------------------------------------------------------------------------------------------
@@ -545,7 +694,8 @@ def vocabulary_digest():
 
 def environment():
     return {"versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads"}
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads",
+            "processes": DIST.world}
 
 
 def data_config(cfg):
@@ -558,15 +708,21 @@ def data_config(cfg):
                            name_pools=pools)
 
 
+def model_config(cfg, vocab_size):
+    return ModelConfig(model_type="gpt_neox", vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       d_model=cfg.d_model, d_ff=cfg.d_ff, max_seq_len=cfg.context)
+
+
 class Experiment:
     """The dataset, tokenizer and evaluation sets of one configuration, and the stages built on them."""
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = f"cuda:{DIST.local_rank}" if torch.cuda.is_available() else "cpu"
         self.tok = data.build_tokenizer()
         self.bio = data.build_dataset(data_config(cfg), self.tok)
         self.qa = {}
+        self.meter = Meter()  # a new one for each stage run() builds
 
     def qa_set(self, split):
         if split not in self.qa:
@@ -589,20 +745,24 @@ class Experiment:
             return out
         previous = previous_stage(self.cfg, stage)
         prev_dir = self.run(previous, resume) if previous else None
-        if os.path.exists(out) and not resume:
+        if os.path.exists(out) and not resume and DIST.main:
             print(f"{stage}: {out} holds an interrupted run; starting it over (--resume continues it)")
             shutil.rmtree(out)
+        barrier()
         os.makedirs(out, exist_ok=True)
         write_json(os.path.join(out, "settings.json"), {"stage": stage, "settings": settings, **environment()})
         print(f"{stage}: training into {out}")
-        start = time.time()
+        start, self.meter = time.time(), Meter()
         build = {"pretrain": self.pretrain, "recover": self.recover}.get(stage, self.task)
         summary = build(stage, out, prev_dir, resume)
-        summary |= {"stage": stage, "seconds": round(time.time() - start, 1),  # of this session, if resumed
+        seconds = time.time() - start  # of this session, if resumed
+        summary |= {"stage": stage, "seconds": round(seconds, 1), **self.meter.summary(seconds),
                     "settings": settings, **environment()}
         write_json(os.path.join(out, "summary.json"), summary)
-        for state in glob.glob(os.path.join(out, "**", "state"), recursive=True):  # complete: no resume needed
-            shutil.rmtree(state)
+        if DIST.main:
+            for state in glob.glob(os.path.join(out, "**", "state"), recursive=True):  # complete: no resume needed
+                shutil.rmtree(state)
+        barrier()
         return out
 
     def pretrain(self, stage, out, prev_dir, resume):
@@ -618,18 +778,17 @@ class Experiment:
                       weight_decay=c.pretrain_wd,
                       evals={"bio": (self.bio_probe(), every_epoch(c.pretrain_epochs, steps_per_epoch, every=4))},
                       save_steps={c.pretrain_epochs * steps_per_epoch // 2})  # halfway: for analysis.py's weight angles
-        train_loop(model, phase, out=out, cfg=c, tok=self.tok, resume=resume)
-        save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": "pretrain", "step": phase.total})
+        train_loop(model, phase, out=out, cfg=c, tok=self.tok, resume=resume, meter=self.meter)
+        with self.meter.time("checkpoint"):
+            save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": "pretrain", "step": phase.total})
         result = read_metrics(out)[-1]["bio"]  # the probe the loop ran at its last step
         print(f"  pretraining done: biography attribute first-token accuracy {result['first_token']:.3f}")
         return {"bio": result}
 
     def initial_model(self):
         """The random weights pretraining starts from (the seed fixes them, so analysis.py can rebuild them)."""
-        c = self.cfg
-        torch.manual_seed(c.seed)
-        return Transformer(ModelConfig(model_type="gpt_neox", vocab_size=self.tok.vocab_size, n_layer=c.n_layer,
-                                       n_head=c.n_head, d_model=c.d_model, d_ff=c.d_ff, max_seq_len=c.context))
+        torch.manual_seed(self.cfg.seed)
+        return Transformer(model_config(self.cfg, self.tok.vocab_size))
 
     def bio_probe(self):
         """Memorisation: first-token accuracy of each attribute value where it stands in a biography."""
@@ -649,7 +808,8 @@ class Experiment:
             strategy = Seq()  # so that every method starts from one shared Task-0 run
         load_strategy_state(strategy, os.path.join(prev_dir, "final"), self.device)
         ctx = self.context(model, task=k, out=out)
-        strategy.start(ctx)
+        with self.meter.time("strategy"):
+            strategy.start(ctx)
         steps_per_epoch = len(strategy.epoch(ctx, np.random.default_rng(0)))
         epochs = c.task0_epochs if k == 0 else c.task_epochs
         total = epochs * steps_per_epoch
@@ -669,15 +829,20 @@ class Experiment:
                       weight_decay=c.ft_wd, strategy=strategy, ctx=ctx, evals=evals,
                       early_stop=c.early_stop if k else 0.0,
                       save_steps=save_steps | strategy.checkpoint_steps(steps_per_epoch, total))
-        steps, stopped = train_loop(model, phase, out=out, cfg=c, tok=self.tok, resume=resume)
+        steps, stopped = train_loop(model, phase, out=out, cfg=c, tok=self.tok, resume=resume, meter=self.meter)
         ckpt_dir = os.path.join(out, "ckpt")
         ctx.checkpoints = {int(name[5:]): os.path.join(ckpt_dir, name) for name in sorted(os.listdir(ckpt_dir))
                            if not name.endswith(".tmp")} if os.path.isdir(ckpt_dir) else {}
-        strategy.end(ctx)
-        save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": stage, "step": steps}, strategy=strategy)
-        # Full evaluation on every task so far: row k of the accuracy matrix R.
-        row = {"task0": evaluate(model, self.qa_set("task0_test"), self.tok)}
-        row |= {f"task{j}": evaluate(model, self.qa_set(f"task{j}"), self.tok) for j in range(1, k + 1)}
+        with self.meter.time("strategy"):
+            strategy.end(ctx)
+        with self.meter.time("checkpoint"):
+            save_checkpoint(model, self.tok, os.path.join(out, "final"), {"stage": stage, "step": steps},
+                            strategy=strategy)
+        if not DIST.main:
+            return {}  # rank 0 alone evaluates and reports
+        with self.meter.time("eval"):  # full evaluation on every task so far: row k of the accuracy matrix R
+            row = {"task0": evaluate(model, self.qa_set("task0_test"), self.tok)}
+            row |= {f"task{j}": evaluate(model, self.qa_set(f"task{j}"), self.tok) for j in range(1, k + 1)}
         print(f"  {stage} done after {steps} steps{' (early stop)' if stopped else ''}: "
               + ", ".join(f"{name} EM {r['em']:.3f}" for name, r in row.items()))
         return {"steps": steps, "stopped_early": stopped, "strategy": strategy.label(), "results": row,
@@ -714,23 +879,29 @@ class Experiment:
         print(f"  probing {len(probes)} checkpoints, {probe_steps} steps each ({c.recover_fraction:g} of Task 1's"
               f" {task1_steps})")
         rows = []
-        for name, path, task1_step in tqdm(probes, desc="recover", leave=False):
+        for name, path, task1_step in tqdm(probes, desc="recover", leave=False, disable=not DIST.main):
             probe_dir, result_path = os.path.join(out, name), os.path.join(out, name, "result.json")
             if os.path.exists(result_path):  # done before an interruption
                 rows.append(read_json(result_path))
                 continue
             model = load_checkpoint(path, self.device)
-            before = test(model)
+            with self.meter.time("eval"):
+                before = test(model) if DIST.main else None  # rank 0 alone evaluates
             phase = Phase(f"recover {name}", task=0, total=probe_steps,
                           steps_per_epoch=math.ceil(len(train_qa) / c.ft_batch),
                           make_epoch=lambda rng: qa_batches(train_qa, c.ft_batch, rng), lr=c.ft_lr, min_lr=c.ft_lr,
                           warmup=0, weight_decay=c.ft_wd)
             os.makedirs(probe_dir, exist_ok=True)
-            train_loop(model, phase, out=probe_dir, cfg=c, tok=self.tok, resume=resume)
-            after = test(model)
-            rows.append({"checkpoint": name, "task1_step": task1_step, "task0_em_before": before["em"],
-                         "task0_em_after": after["em"], "before": before, "after": after})
-            write_json(result_path, rows[-1])
+            train_loop(model, phase, out=probe_dir, cfg=c, tok=self.tok, resume=resume, meter=self.meter)
+            if DIST.main:
+                with self.meter.time("eval"):
+                    after = test(model)
+                rows.append({"checkpoint": name, "task1_step": task1_step, "task0_em_before": before["em"],
+                             "task0_em_after": after["em"], "before": before, "after": after})
+                write_json(result_path, rows[-1])
+            barrier()
+        if not DIST.main:
+            return {}
         ceiling = max(rows[0]["task0_em_after"], rows[1]["task0_em_after"])  # probed before anything was forgotten
         for row in rows:
             row["recovered_share"] = row["task0_em_after"] / ceiling if ceiling else float("nan")
@@ -826,10 +997,11 @@ def pyplot():
 
 def save_figure(fig, path):
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
+    if DIST.main:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        print(f"plot: {path}")
     pyplot().close(fig)
-    print(f"plot: {path}")
 
 # -----------------------------------------------------------------------------------------------
 # Over seeds and over frozen depths: the README's headline table and the freeze sweep (paper Fig. 7a)
@@ -1133,7 +1305,8 @@ def process_alive(pid):
 
 def main(argv=None):
     cfg, stage, resume, seeds = parse_args(argv)
-    with RunLock(os.path.join(cfg.runs, cfg.preset)):
+    init_distributed()
+    with RunLock(os.path.join(cfg.runs, cfg.preset)) if DIST.main else contextlib.nullcontext():
         if stage == "headline":
             return headline(cfg, seeds, resume)
         if stage == "freeze-sweep":

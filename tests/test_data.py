@@ -285,7 +285,7 @@ def test_bad_pool_sizes_and_missing_files(pool_copy):
 
 
 def test_bad_config():
-    with pytest.raises(ValueError, match="unknown preset 'huge'; valid presets: tiny, cpu, paper"):
+    with pytest.raises(ValueError, match="unknown preset 'huge'; valid presets: tiny, cpu, deep, paper"):
         data.get_preset("huge")
     with pytest.raises(ValueError, match="n_peeple"):
         data.get_preset("tiny", n_peeple=5)
@@ -333,7 +333,7 @@ def test_bio_probe_arrays_cut_the_first_biography_before_each_value(tiny):
         assert mask[p:n].all() and not mask[:p].any() and not mask[n:].any()
 
 
-@pytest.mark.parametrize("preset", ["tiny", "cpu"])
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "deep"])
 def test_small_presets_share_every_name_as_at_the_paper_scale(preset):
     """Every first, middle and last name is used by >= 20 people, none is one pretraining person's own,
     and every name of a new-task person was seen in pretraining (with BPE at 100K people, every name

@@ -227,7 +227,7 @@ def test_recovery_probe_trains_on_exactly_the_task0_training_people(runs, monkey
     exp = train.Experiment(cfg)
     phases = []
 
-    def record(model, phase, out, cfg, tok, resume):
+    def record(model, phase, out, cfg, tok, resume, meter):
         phases.append(phase)
         return phase.total, False
 
@@ -277,3 +277,28 @@ def test_headline_and_freeze_sweep_read_their_runs(runs):
     assert [r["frozen_blocks"] for r in sweep] == ["seq", 0, 1, 2]
     assert sweep[2]["task0_em"] == freeze["results"]["task0"]["em"]  # the cached freeze-1 run
     assert os.path.exists(os.path.join(root, "freeze-sweep.png"))
+
+
+def test_exact_match_by_one_teacher_forced_pass_is_greedy_decoding():
+    """evaluate() reads exact match off one forward pass; it must agree, pair by pair, with decoding."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=32)).eval()
+    tok = types.SimpleNamespace(pad_id=0, eos_id=1)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 40, (int(n),), generator=gen).tolist() for n in torch.randint(3, 9, (40,), generator=gen)]
+    # Half the answers are the 4 tokens greedy decoding writes (the last standing for EOS), so they must
+    # match; the other half change one token of such an answer, so they must not.
+    answers = model.generate(prompts, max_new_tokens=4)
+    match = [i % 2 == 0 for i in range(len(answers))]
+    for i, a in enumerate(answers):
+        if i % 2:
+            a[i % 4] = 2 + (a[i % 4] + 1) % 38  # another token
+    qa = train.QASet.from_pairs(prompts, answers, pad_id=0, device="cpu")
+    qa.attribute = torch.arange(40) // 2 % 2  # two attributes, each with matching and changed answers
+    result = train.evaluate(model, qa, tok, batch_size=16)
+    expected = [sum(m for m, a in zip(match, qa.attribute.tolist()) if a == k) / 20 for k in (0, 1)]
+    assert result["em_by_attribute"] == pytest.approx({"birthday": expected[0], "birth_city": expected[1]})
+    first_logits = torch.stack([model(torch.tensor([p]))[0][0, -1] for p in prompts])
+    firsts = (first_logits.argmax(-1) == torch.tensor([a[0] for a in answers])).float()
+    by_attribute = [firsts[qa.attribute == k].mean().item() for k in (0, 1)]
+    assert result["first_token"] == pytest.approx(sum(by_attribute) / 2)

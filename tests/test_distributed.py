@@ -1,0 +1,88 @@
+"""torchrun: two processes (gloo, on the CPU) train like one process on the same global batch, and resume."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from model import read_safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--preset", "tiny", "--stage", "task0", "--pretrain-epochs", "1"]  # 33 + 10 steps
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def command(runs, processes, *extra):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return launcher + ["train.py", *FLAGS, "--runs", str(runs), *extra]
+
+
+def final_weights(runs, stage):
+    (path,) = glob.glob(os.path.join(str(runs), "tiny", f"{stage}-*", "final", "model.safetensors"))
+    return read_safetensors(path)
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def descendants(pid):
+    """Every live process below pid (from /proc: Linux)."""
+    children = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("one")
+    subprocess.run([sys.executable, "train.py", *FLAGS, "--runs", str(runs)], cwd=ROOT, env=ENV, check=True,
+                   capture_output=True)
+    return runs
+
+
+def test_two_processes_train_as_one(one_process, tmp_path):
+    done = subprocess.run(command(tmp_path, 2), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("pretrain", "task0"):  # pretraining (no loss mask) and QA fine-tuning (answer tokens only)
+        assert max_difference(final_weights(one_process, stage), final_weights(tmp_path, stage)) <= 1e-5
+    summaries = glob.glob(os.path.join(str(tmp_path), "tiny", "*", "summary.json"))
+    assert len(summaries) == 2 and '"processes": 2' in open(summaries[0]).read()
+    assert done.stdout.count("task0 done") == 1  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_two_processes_resume_after_a_kill(one_process, tmp_path):
+    """SIGKILL the whole torchrun group once pretraining has saved a state, then --resume it."""
+    run = subprocess.Popen(command(tmp_path, 2, "--state-every", "5"), cwd=ROOT, env=ENV, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not glob.glob(os.path.join(str(tmp_path), "tiny", "pretrain-*", "state", "latest.json")):
+        assert time.time() < deadline and run.poll() is None, "the run ended before it saved a state"
+        time.sleep(0.05)
+    for pid in [run.pid] + descendants(run.pid):  # torchrun starts its workers in sessions of their own
+        os.kill(pid, signal.SIGKILL)
+    run.wait()
+    assert not glob.glob(os.path.join(str(tmp_path), "tiny", "pretrain-*", "summary.json"))
+    done = subprocess.run(command(tmp_path, 2, "--state-every", "5", "--resume"), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming at step" in done.stdout
+    # --state-every is not part of the cache key: the same stages as the uninterrupted run
+    for stage in ("pretrain", "task0"):
+        assert max_difference(final_weights(one_process, stage), final_weights(tmp_path, stage)) <= 1e-5
