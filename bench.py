@@ -202,8 +202,10 @@ def bench_eval(args):
 
 
 def bench_run(args):
-    """The stages of `python train.py --preset P` (as cached in runs/): time by kind and utilisation."""
+    """The stages of `python train.py --preset P` (as cached in runs/): time by kind and utilisation. The
+    peak is measured here, so the runs must come from this machine, one process, on its CPU."""
     cfg = train.parse_args(["--preset", args.preset, "--runs", args.runs])[0]
+    here = train.environment()["machine"]
     peak = matmul_peak(torch.device("cpu"), torch.float32)
     totals, flops, wall = {}, 0.0, 0.0
     print(f"{'stage':<10}{'seconds':>9}" + "".join(f"{k:>11}" for k in ("train", "eval", "checkpoint", "strategy",
@@ -215,6 +217,9 @@ def bench_run(args):
         summary = train.read_json(path)
         if "time_s" not in summary:
             raise SystemExit(f"{path}: made before summaries split their time; delete the run and rerun it")
+        if summary["machine"] != here or summary.get("processes", 1) != 1 or torch.cuda.is_available():
+            raise SystemExit(f"{path}: made on {summary['machine']!r} by {summary.get('processes', 1)} process(es);"
+                             f" this is {here!r}: the peak measured here would not be its peak")
         wall += summary["seconds"]
         flops += summary["train_flops"]
         for k, v in summary["time_s"].items():

@@ -236,9 +236,10 @@ def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=1024):
 
     Exact match needs no decoding loop: greedy decoding writes the answer exactly when, fed the answer's
     own prefix, the model's argmax is the next answer token at every answer position, EOS included. So one
-    causal pass over prompt + answer + EOS (teacher forcing), read at those positions, decides it; right
-    padding after a row cannot change what its earlier positions see. Without exact_match the pass reads
-    the first answer position only.
+    causal pass over the set's token rows (prompt + answer + EOS, qa.tokens), read at those positions,
+    decides it; right padding after a row cannot change what its earlier positions see. Without
+    exact_match the pass covers qa.prompts, which a caller may have shortened (the memorisation probe),
+    and reads the first answer position only.
     """
     was_training = model.training
     model.eval()
@@ -426,7 +427,10 @@ def init_distributed():
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs) and take this
     rank's GPU. Every rank builds the same data and draws the same batches from the seed; in each step it
     trains on its slice of the global batch and DDP averages the gradients, so the step equals one process's
-    step on the whole batch. Rank 0 alone evaluates and writes files; the others wait at the next collective."""
+    step on the whole batch (LAMOL's extra generation loss aside: it is a mean over each rank's rows). The
+    loop's evaluations and every file are rank 0's; the others wait at the next collective. A strategy's
+    own preparation (preliminary runs, Fisher, pseudo samples, the task-vector grid) runs on every rank
+    alike, from the same seeds."""
     global DIST
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
@@ -502,7 +506,8 @@ class Phase:
 
 class Meter:
     """Where a stage's wall-clock time goes (training steps, evaluations, checkpoints, a strategy's own work)
-    and the useful training FLOPs done (Transformer.flops_per_token), for its summary.json."""
+    and the useful training FLOPs done (Transformer.flops_per_token; the loop's own forward and backward, not
+    a strategy's extra passes), for its summary.json. Both cover this session's part of a resumed stage."""
 
     def __init__(self):
         self.seconds = dict.fromkeys(("train", "eval", "checkpoint", "strategy"), 0.0)
@@ -511,26 +516,37 @@ class Meter:
 
     @contextlib.contextmanager
     def time(self, kind):
+        sync()  # a GPU runs behind the Python that queued its work: wait, so each kind pays its own
         start = time.perf_counter()
         yield
+        sync()
         self.seconds[kind] += time.perf_counter() - start
 
     def count(self, model, inputs, loss_mask):
         """Add one step's useful FLOPs: each row up to its last loss position (the padding after it is
         waste), and the head at the loss positions only when there is a loss mask."""
-        body, head = model.flops_per_token(seq_len=inputs.shape[1])
+        fixed, head = model.flops_per_token(seq_len=0)
+        per_position = model.flops_per_token(seq_len=1)[0] - fixed  # attention: linear in the row's length
         if loss_mask is None:
-            tokens = head_tokens = inputs.numel()
-        else:  # kept as device tensors: reading them every step would stall a GPU
-            last = loss_mask.shape[1] - loss_mask.flip(1).int().argmax(1)      # (B,) tokens up to the last loss position
-            tokens, head_tokens = last.sum().double(), loss_mask.sum().double()
-        self.train_flops += body * tokens + head * head_tokens
-        self.train_tokens += tokens
+            lengths = torch.full(inputs.shape[:1], inputs.shape[1], device=inputs.device)
+            head_tokens = inputs.numel()
+        else:
+            lengths = loss_mask.shape[1] - loss_mask.flip(1).int().argmax(1)  # (B,) tokens up to the last loss position
+            head_tokens = loss_mask.sum()
+        # kept as device tensors: reading them every step would stall a GPU
+        lengths = lengths.double()
+        self.train_flops += fixed * lengths.sum() + per_position * (lengths ** 2).sum() + head * head_tokens
+        self.train_tokens += lengths.sum()
 
     def summary(self, total_seconds):
         return {"time_s": {k: round(v, 1) for k, v in self.seconds.items()}
                 | {"other": round(total_seconds - sum(self.seconds.values()), 1)},
                 "train_flops": float(self.train_flops), "train_tokens": int(self.train_tokens)}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def every_epoch(epochs, steps_per_epoch, every=1):

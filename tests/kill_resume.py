@@ -47,7 +47,8 @@ def snapshot(runs):
         if name in ("summary.json", "settings.json"):
             with open(path) as f:
                 obj = json.load(f)
-            obj.pop("seconds", None)
+            for timing in ("seconds", "time_s", "train_flops", "train_tokens"):  # this session's share only
+                obj.pop(timing, None)
             files[rel] = obj
         else:
             with open(path, "rb") as f:

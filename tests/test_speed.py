@@ -29,10 +29,12 @@ def test_meter_counts_each_row_to_its_last_loss_position():
     mask[0, 4:6], mask[1, 7:10], mask[2, 2] = True, True, True  # rows end at 6, 10 and 3 tokens; 6 loss positions
     meter = train.Meter()
     meter.count(model, torch.zeros(3, 10, dtype=torch.long), mask)
-    body, head = model.flops_per_token(seq_len=10)
-    assert meter.train_tokens == 19 and meter.train_flops == body * 19 + head * 6
+    body = {n: model.flops_per_token(seq_len=n)[0] for n in (3, 6, 10)}  # a row of n tokens attends over n
+    head = model.flops_per_token(seq_len=10)[1]
+    assert meter.train_tokens == 19 and meter.train_flops == 6 * body[6] + 10 * body[10] + 3 * body[3] + 6 * head
     meter.count(model, torch.zeros(2, 10, dtype=torch.long), None)  # pretraining: every token, head everywhere
-    assert meter.train_tokens == 39 and meter.train_flops == body * 19 + head * 6 + (body + head) * 20
+    assert meter.train_tokens == 39
+    assert meter.train_flops == 6 * body[6] + 10 * body[10] + 3 * body[3] + 6 * head + 20 * (body[10] + head)
 
 
 def test_bf16_autocast_trains_like_fp32():
