@@ -32,21 +32,16 @@ PAPER_STEPS = {"pretrain": 80_000, "fine-tune": 62_500 + 62_500}
 DATASHEET_BF16 = {"H200": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "A100": 312e12}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def seconds_of(fn, device, warmup=3, reps=10, best=False):
+def seconds_of(fn, warmup=3, reps=10, best=False):
     """The median (or best) wall-clock seconds of reps calls of fn, after warmup calls."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        sync(device)
+        train.sync()
         start = time.perf_counter()
         fn()
-        sync(device)
+        train.sync()
         times.append(time.perf_counter() - start)
     return min(times) if best else statistics.median(times)
 
@@ -56,7 +51,7 @@ def matmul_peak(device, dtype, n=None):
     denominator of every utilisation figure here."""
     n = n or (8192 if device.type == "cuda" else 2048)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n**3 / seconds_of(lambda: a @ b, device, reps=20, best=True)
+    return 2 * n**3 / seconds_of(lambda: a @ b, reps=20, best=True)
 
 
 def train_dtype(device):
@@ -123,7 +118,7 @@ def bench_flops(args):
     print(f"{'case':<40}{'ms/step':>9}{'GFLOP/s':>9}{'of peak':>9}{'in matmuls':>12}")
     for name, model, batch in cases:
         step = step_fn(model.train(), batch)
-        seconds = seconds_of(step, device)
+        seconds = seconds_of(step)
         flops, _ = step_flops(model, batch)
         print(f"{name:<40}{seconds * 1e3:>9.1f}{flops / seconds / 1e9:>9.1f}{flops / seconds / peak:>9.2f}"
               f"{time_split(step):>12.2f}")
@@ -144,7 +139,7 @@ def bench_train(args):
     for kind, batch in [("pretrain", pretrain_batch(cfg, model.cfg.vocab_size, device)),
                         ("fine-tune", qa_batch(cfg, device))]:
         step = step_fn(net, batch)
-        seconds[kind] = seconds_of(step, device, warmup=3, reps=args.steps)
+        seconds[kind] = seconds_of(step, warmup=3, reps=args.steps)
         flops, tokens = step_flops(model, batch)
         rate = flops / seconds[kind]
         print(f"  {kind:<10} batch {tuple(batch[0].shape)}: {seconds[kind] * 1e3:8.1f} ms/step, "
@@ -194,7 +189,7 @@ def bench_eval(args):
     seconds = {}
     for name, fn in [("ours, train.evaluate", run_evaluate), ("ours, KV-cache generate", run_ours),
                      ("transformers generate", run_hf)]:
-        seconds[name] = seconds_of(fn, torch.device("cpu"), warmup=1, reps=args.reps)
+        seconds[name] = seconds_of(fn, warmup=1, reps=args.reps)
         print(f"{name:>24}: {seconds[name] * 1e3:8.1f} ms, {len(prompts) / seconds[name]:8.0f} QA pairs judged/s")
     reference = seconds["transformers generate"]
     print(f"speed-up over transformers generate: evaluate {reference / seconds['ours, train.evaluate']:.2f}x, "
