@@ -315,6 +315,7 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=600, help="Task-0 test prompts for the feature views")
     args, rest = parser.parse_known_args(argv)
     cfg, _, _, _ = train.parse_args(rest)
+    train.keep_freed_memory()
     resolution = args.resolution or (5 if cfg.preset == "tiny" else 9)
     out = args.out or ("figures/analysis" if cfg.preset == "cpu" else os.path.join(cfg.runs, cfg.preset, "analysis"))
     os.makedirs(out, exist_ok=True)

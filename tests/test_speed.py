@@ -1,6 +1,7 @@
 """What the speed figures rest on: the FLOP count, the meter, the bf16 path, bench.py train; and, on a CUDA
 machine (`pytest --gpu -m gpu`), the GPU path itself."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -56,6 +57,40 @@ def test_bench_train_reports_throughput_and_mfu():
                           capture_output=True, text=True, env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("MFU") == 2 and "tokens/s" in done.stdout
+
+
+KEEP_FREED_MEMORY = """
+import resource, torch, train
+from model import ModelConfig, Transformer
+
+def train_steps():  # six pretraining-like steps; the weights, and the page faults of the last four
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=2000, n_layer=2, n_head=4, d_model=64, d_ff=256, max_seq_len=128))
+    params = list(model.parameters())
+    opt = train.make_optimizer(params, lr=1e-3, weight_decay=0.1)
+    rows = torch.randint(0, 2000, (16, 129))
+    faults = []
+    for _ in range(6):
+        train.train_step(model, opt, params, (rows[:, :-1], rows[:, 1:], None), strategy=train.Seq(), ctx=None)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+    return torch.cat([p.detach().flatten() for p in params]), faults[-1] - faults[1]
+
+default_weights, default_faults = train_steps()
+train.keep_freed_memory()
+kept_weights, kept_faults = train_steps()
+print(torch.equal(default_weights, kept_weights), default_faults, kept_faults)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc")
+def test_keep_freed_memory_saves_page_faults_and_changes_no_bit():
+    """In a fresh process, so that glibc's settings start at their defaults."""
+    done = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], cwd=ROOT, capture_output=True, text=True,
+                          env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    same_bits, default_faults, kept_faults = done.stdout.split()
+    assert same_bits == "True"
+    assert int(kept_faults) < int(default_faults) / 4, (default_faults, kept_faults)
 
 
 @pytest.mark.gpu
