@@ -309,7 +309,7 @@ class Replay(Seq):
         return f"replay{self.config.replay_fraction:g}"
 
     def load_state(self, tensors, meta):
-        self.buffer = tensors["buffer"].numpy()
+        self.buffer = tensors["buffer"].cpu().numpy()  # handed over on the training device
 
     def start(self, ctx):
         super().start(ctx)
@@ -508,6 +508,12 @@ class GradientProjection(Seq):
                     break
             for n, p in trial.named_parameters():
                 total[n] += (p.detach() - before[n]) / self.config.gp_runs
+        if torch.distributed.is_initialized():
+            # Under torchrun every rank ran the trials alike, but a GPU's kernels need not round alike run to
+            # run, and the projection edits gradients after DDP has averaged them: take rank 0's direction,
+            # or the ranks' weights would drift apart.
+            for d in total.values():
+                torch.distributed.broadcast(d, src=0)
         self.direction = total
 
     @staticmethod

@@ -437,9 +437,11 @@ def init_distributed():
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     DIST = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    device = None
     if torch.cuda.is_available():
-        torch.cuda.set_device(DIST.local_rank)
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+        device = torch.device("cuda", DIST.local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device else "gloo", device_id=device,
                                          timeout=datetime.timedelta(minutes=60))  # rank 0 may evaluate a while
     if not DIST.main:
         sys.stdout = open(os.devnull, "w")  # one copy of the progress report
@@ -515,14 +517,27 @@ class Meter:
         self.seconds = dict.fromkeys(("train", "eval", "checkpoint", "strategy"), 0.0)
         self.train_flops = 0.0
         self.train_tokens = 0
+        self.queued = None  # the kind whose GPU work may still be running
 
     @contextlib.contextmanager
     def time(self, kind):
-        sync()  # a GPU runs behind the Python that queued its work: wait, so each kind pays its own
+        """Add the block's wall-clock seconds to `kind`. A GPU runs behind the Python that queues its work,
+        and waiting for it after every training step would drain its queue; so blocks of one kind in a row
+        run without a wait, and the wait, once another kind starts (or the stage ends), goes to the kind
+        that queued the work. On a CPU nothing is queued: each block's own time."""
+        if kind != self.queued:
+            self.settle()
         start = time.perf_counter()
         yield
-        sync()
         self.seconds[kind] += time.perf_counter() - start
+        self.queued = kind
+
+    def settle(self):
+        if self.queued is not None:
+            start = time.perf_counter()
+            sync()
+            self.seconds[self.queued] += time.perf_counter() - start
+            self.queued = None
 
     def count(self, model, inputs, loss_mask):
         """Add one step's useful FLOPs: each row up to its last loss position (the padding after it is
@@ -541,6 +556,7 @@ class Meter:
         self.train_tokens += lengths.sum()
 
     def summary(self, total_seconds):
+        self.settle()
         return {"time_s": {k: round(v, 1) for k, v in self.seconds.items()}
                 | {"other": round(total_seconds - sum(self.seconds.values()), 1)},
                 "train_flops": float(self.train_flops), "train_tokens": int(self.train_tokens)}
@@ -616,14 +632,17 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume, meter):
             local_batch, weight = shard(batches[i])
             loss = train_step(net, opt, params, local_batch, strategy, ctx, weight)
             meter.count(model, batches[i][0], batches[i][2])  # the whole global batch
-        step += 1
+            step += 1
+            logged = step in eval_points or step == phase.total
+            if step % 10 == 0 or logged:  # reading the loss waits for the step to finish: not every step, on a GPU
+                loss_value = mean_over_ranks(loss, weight)
         if ctx is not None:
             ctx.step = step
         bar.update(1)
-        if step % 10 == 0:  # reading the loss waits for the step to finish: not every step, on a GPU
-            bar.set_postfix(loss=f"{mean_over_ranks(loss, weight):.3f}")
-        if step in eval_points or step == phase.total:
-            record = log({"loss": mean_over_ranks(loss, weight), "lr": opt.param_groups[0]["lr"]})
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+        if logged:
+            record = log({"loss": loss_value, "lr": opt.param_groups[0]["lr"]})
             stopped = agree(phase.early_stop > 0 and record.get("current", {}).get("em", 0) >= phase.early_stop)
         if step in phase.save_steps:
             checkpoint()
@@ -1342,18 +1361,22 @@ def main(argv=None):
     cfg, stage, resume, seeds = parse_args(argv)
     keep_freed_memory()
     init_distributed()
-    with RunLock(os.path.join(cfg.runs, cfg.preset)) if DIST.main else contextlib.nullcontext():
-        if stage == "headline":
-            return headline(cfg, seeds, resume)
-        if stage == "freeze-sweep":
-            return freeze_sweep(cfg, resume)
-        if stage == "table":
-            return table(cfg, resume)
-        if resume and not os.path.exists(stage_dir(cfg, "pretrain")[0]):
-            raise UserError(f"--resume: nothing to resume under {os.path.join(cfg.runs, cfg.preset)} for these settings")
-        out = Experiment(cfg).run(stage, resume)
-        report(cfg)
-        return out
+    try:
+        with RunLock(os.path.join(cfg.runs, cfg.preset)) if DIST.main else contextlib.nullcontext():
+            if stage == "headline":
+                return headline(cfg, seeds, resume)
+            if stage == "freeze-sweep":
+                return freeze_sweep(cfg, resume)
+            if stage == "table":
+                return table(cfg, resume)
+            if resume and not os.path.exists(stage_dir(cfg, "pretrain")[0]):
+                raise UserError(f"--resume: nothing to resume under {os.path.join(cfg.runs, cfg.preset)} for these settings")
+            out = Experiment(cfg).run(stage, resume)
+            report(cfg)
+            return out
+    finally:
+        if DIST.world > 1:
+            torch.distributed.destroy_process_group()  # (a rank that fails ends them all: torchrun stops the rest)
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)

@@ -4,12 +4,14 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import train
 from model import ModelConfig, Transformer
+from strategies import STRATEGIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -36,6 +38,20 @@ def test_meter_counts_each_row_to_its_last_loss_position():
     meter.count(model, torch.zeros(2, 10, dtype=torch.long), None)  # pretraining: every token, head everywhere
     assert meter.train_tokens == 39
     assert meter.train_flops == 6 * body[6] + 10 * body[10] + 3 * body[3] + 6 * head + 20 * (body[10] + head)
+
+
+def test_meter_waits_for_a_gpu_only_when_the_kind_of_work_changes(monkeypatch):
+    waits = []
+    monkeypatch.setattr(train, "sync", lambda: (waits.append(1), time.sleep(0.05)))  # a GPU with 50 ms queued
+    meter = train.Meter()
+    for _ in range(3):
+        with meter.time("train"):
+            pass
+    assert not waits  # training steps queue up without waiting
+    with meter.time("eval"):
+        pass
+    assert len(waits) == 1 and meter.seconds["train"] >= 0.05 > meter.seconds["eval"]  # the train steps' wait
+    assert meter.summary(1.0)["time_s"]["eval"] >= 0.05 and len(waits) == 2  # the end settles the last kind
 
 
 def test_bf16_autocast_trains_like_fp32():
@@ -111,7 +127,9 @@ def test_gpu_step_runs_bf16_products_with_fused_adamw():
 
 @pytest.mark.gpu
 @cuda
-def test_tiny_preset_end_to_end_on_gpu(tmp_path):
-    out = train.main(["--preset", "tiny", "--runs", str(tmp_path), "--stage", "task1"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_tiny_preset_end_to_end_on_gpu(tmp_path, strategy):
+    """Through Task 2, so that each strategy also hands its state from one task to the next on the device."""
+    out = train.main(["--preset", "tiny", "--runs", str(tmp_path), "--stage", "task2", "--strategy", strategy])
     summary = train.read_json(os.path.join(out, "summary.json"))
-    assert 0 <= summary["results"]["task1"]["em"] <= 1 and summary["train_flops"] > 0
+    assert 0 <= summary["results"]["task2"]["em"] <= 1 and summary["train_flops"] > 0
