@@ -2,7 +2,7 @@
 
     python bench.py model     # training tokens/s, our Transformer vs transformers' GPTNeoXForCausalLM
     python bench.py flops     # training FLOP/s as a share of this machine's measured matmul peak
-    python bench.py eval      # greedy exact-match decoding, generated tokens/s, ours vs transformers' generate
+    python bench.py eval      # exact-match evaluation (train.evaluate) and our generate vs transformers' generate
     python bench.py run       # where the time of `python train.py` went (its summary.json files), and the
                               # whole run's useful training FLOPs / (wall clock x peak)
     python bench.py train --preset paper --steps 20   # tokens/s and MFU of real training steps on this
@@ -100,15 +100,19 @@ def qa_batch(cfg, device):
     return train.qa_batches(qa, cfg.ft_batch, np.random.default_rng(0))[0]
 
 
-def time_split(step):
-    """Shares of one step's CPU time in matrix products (and attention) and in everything else."""
+def time_split(step, show=0):
+    """The share of one step's CPU time in matrix products (and attention); with show, also print the
+    `show` costliest operations by input shape, each with its share of the step."""
     matmul_ops = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
                   "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
-    with torch.profiler.profile() as prof:
+    with torch.profiler.profile(record_shapes=bool(show)) as prof:
         for _ in range(3):
             step()
-    events = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=bool(show))
     total = sum(e.self_cpu_time_total for e in events)
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:show]:
+        shapes = ", ".join(str(tuple(s)) for s in e.input_shapes if s)
+        print(f"    {e.self_cpu_time_total / total:6.1%}  {e.key:<52} {shapes}")
     return sum(e.self_cpu_time_total for e in events if e.key in matmul_ops) / total
 
 
@@ -132,7 +136,7 @@ def bench_flops(args):
         step = step_fn(model.train(), batch)
         seconds = seconds_of(step)
         flops, _ = step_flops(model, batch)
-        share = time_split(step)
+        share = time_split(step, show=args.profile)
         utilisation = flops / seconds / peak
         print(f"{name:<40}{seconds * 1e3:>9.1f}{flops / seconds / 1e9:>9.1f}{utilisation:>9.2f}{share:>12.2f}"
               f"{utilisation / share:>17.2f}")
@@ -166,7 +170,8 @@ def bench_train(args):
 
 
 def bench_eval(args):
-    """Greedy decoding of the cpu preset's Task-0 test prompts in one batch, as train.evaluate runs it."""
+    """The cpu preset's Task-0 test prompts in one batch: exact match by train.evaluate (one teacher-forced pass),
+    and greedy decoding by our generate and by transformers' (same weights, same outputs)."""
     import transformers  # test-only dependency (requirements-dev.txt)
     cfg, ours = preset_model("cpu", torch.device("cpu"))
     if args.checkpoint:
@@ -290,11 +295,13 @@ if __name__ == "__main__":
     parser.add_argument("--seq-len", type=int, default=256, help="model: tokens per sequence")
     parser.add_argument("--steps", type=int, default=15, help="model, train: timed steps")
     parser.add_argument("--reps", type=int, default=9, help="eval: timed rounds")
-    parser.add_argument("--checkpoint", help="eval: a checkpoint directory to decode with (default: random weights)")
+    parser.add_argument("--checkpoint", help="eval: a checkpoint directory to evaluate (default: random weights)")
     parser.add_argument("--preset", default="cpu", help="run, train: the preset (default: cpu)")
     parser.add_argument("--runs", default="runs", help="run: the runs directory (default: runs)")
     parser.add_argument("--cpu", action="store_true", help="train: stay on the CPU even if a GPU is present")
     parser.add_argument("--compile", action="store_true", help="train: torch.compile the model first")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="flops: also print each step's N costliest operations by input shape")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's malloc settings (to measure what train.keep_freed_memory gains)")
     args = parser.parse_args()
