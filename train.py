@@ -734,8 +734,8 @@ def keep_freed_memory():
 
     Every step frees and reallocates the same few-megabyte activation buffers. By default glibc serves the
     largest with fresh pages from the kernel and hands freed memory back, so the next step faults every 4 KB
-    page in again: two pretraining epochs of the cpu preset took 2.9 million page faults, 0.42 million with
-    these settings (README, "Speed"). The arithmetic and its bits stay the same; only the faults go.
+    page in again: two pretraining epochs of the cpu preset took 2.3-3.2 million page faults, 0.4-0.5 million
+    with these settings (README, "Speed"). The arithmetic and its bits stay the same; only the faults go.
     """
     if platform.libc_ver()[0] != "glibc":
         return
