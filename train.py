@@ -714,6 +714,8 @@ def stage_dir(cfg, stage):
         s = previous_stage(cfg, s)
     fields = [f for s in reversed(chain) for f in STAGE_FIELDS[s if s in ("pretrain", "task0", "recover") else "task"]]
     settings = {f: getattr(cfg, f) for f in dict.fromkeys(fields)} | {"vocabulary": vocabulary_digest()}
+    if torch.cuda.is_available():  # a GPU trains in bf16 autocast: other numbers, so never a CPU run's stages
+        settings |= {"precision": "bf16 autocast"}
     strategy = make_strategy(cfg.strategy, cfg.strategy_args)
     uses_strategy = stage != "pretrain" and (stage != "task0" or strategy.changes_task0)
     if uses_strategy:  # the method and every one of its hyper-parameters, defaults included

@@ -90,6 +90,14 @@ def test_cached_stages_are_reused_and_settings_change_the_key(runs, capsys):
         train.stage_dir(train.parse_args(["--preset", "tiny"])[0], "task0")[0]
 
 
+def test_a_gpu_run_never_reuses_cpu_stages(monkeypatch):
+    cfg = train.parse_args(["--preset", "tiny"])[0]
+    cpu_dir = train.stage_dir(cfg, "task0")[0]
+    assert os.path.basename(cpu_dir) == "task0-632f7c41e6"  # CPU keys as before the GPU entry: caches still count
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # bf16 autocast: other numbers, other stages
+    assert train.stage_dir(cfg, "task0")[0] != cpu_dir
+
+
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch):
     clean = run(tmp_path / "clean", "--stage", "pretrain")
 
