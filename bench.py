@@ -143,7 +143,8 @@ def bench_flops(args):
 
 
 def bench_train(args):
-    """Real training steps of a preset's model on random tokens (throughput does not depend on the text)."""
+    """Real training steps of a preset's model: pretraining on random tokens (throughput does not depend on the
+    text), fine-tuning on a real cpu-preset QA batch (its padding and answer mask are what cost)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     cfg, model = preset_model(args.preset, device)
     dtype = train_dtype(device)
