@@ -7,6 +7,8 @@
                               # whole run's useful training FLOPs / (wall clock x peak)
     python bench.py train --preset paper --steps 20   # tokens/s and MFU of real training steps on this
                               # device (a GPU: bf16 autocast, fused AdamW), and the paper run's time from them
+    python bench.py precision # fp32 against bf16 autocast: matmul peaks, training steps, evaluation
+    python bench.py head      # the output layer and its loss: plain, and chunked so no (N, V) logits exist
 
 Each ratio is measured in one process, against a reference measured in the same process: the matmul
 peak (a large square product in the training dtype) or transformers on the same model and inputs.
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 import data
+import runs
 import train
 from model import Transformer, left_pad
 
@@ -39,16 +42,16 @@ def seconds_of(fn, warmup=3, reps=10, best=False):
         fn()
     times = []
     for _ in range(reps):
-        train.sync()
+        runs.sync()
         start = time.perf_counter()
         fn()
-        train.sync()
+        runs.sync()
         times.append(time.perf_counter() - start)
     return min(times) if best else statistics.median(times)
 
 
 def page_faults_per_call(fn, reps=2):
-    """Minor page faults (pages the kernel had to map in) per call of fn: what train.keep_freed_memory cuts."""
+    """Minor page faults (pages the kernel had to map in) per call of fn: what runs.keep_freed_memory cuts."""
     fn()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(reps):
@@ -65,24 +68,25 @@ def matmul_peak(device, dtype, n=None):
 
 
 def train_dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else torch.float32  # train.autocast's choice
+    return torch.bfloat16 if runs.native_bf16(device.type) else torch.float32  # --precision auto's choice
 
 
 def step_fn(model, batch):
     """One training step as train.py takes it (train.train_step, its AdamW); returns a closure."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.make_optimizer(params, lr=1e-4, weight_decay=0.01)
-    return lambda: train.train_step(model, opt, params, batch, strategy=train.Seq(), ctx=None)
+    bf16 = runs.native_bf16(batch[0].device.type)
+    return lambda: train.train_step(model, opt, params, batch, strategy=train.Seq(), ctx=None, bf16=bf16)
 
 
 def step_flops(model, batch):
-    meter = train.Meter()
+    meter = runs.Meter()
     meter.count(model, batch[0], batch[2])
     return float(meter.train_flops), int(meter.train_tokens)
 
 
 def preset_model(preset, device):
-    cfg = train.parse_args(["--preset", preset])[0]
+    cfg = train.preset_config(preset)
     torch.manual_seed(0)
     return cfg, Transformer(train.model_config(cfg, data.build_tokenizer().vocab_size)).to(device)
 
@@ -95,7 +99,7 @@ def pretrain_batch(cfg, vocab_size, device):
 def qa_batch(cfg, device):
     """A real QA fine-tuning batch of the cpu data (prompt, answer, EOS; right-padded; loss on the answer)."""
     tok = data.build_tokenizer()
-    bio = data.build_dataset(train.data_config(train.parse_args(["--preset", "cpu"])[0]), tok)
+    bio = data.build_dataset(train.data_config(train.preset_config("cpu")), tok)
     qa = train.QASet.from_arrays(data.qa_arrays(bio, bio.splits["task0_train"], tok), device)
     return train.qa_batches(qa, cfg.ft_batch, np.random.default_rng(0))[0]
 
@@ -117,6 +121,7 @@ def time_split(step, show=0):
 
 
 def bench_flops(args):
+    """Training FLOP/s as a share of this machine's measured fp32 matmul peak, and of the time in matrix products."""
     device = torch.device("cpu")
     peak = matmul_peak(device, torch.float32)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; fp32 matmul peak (2048^2): "
@@ -158,12 +163,13 @@ def bench_train(args):
     for kind, batch in [("pretrain", pretrain_batch(cfg, model.cfg.vocab_size, device)),
                         ("fine-tune", qa_batch(cfg, device))]:
         step = step_fn(net, batch)
-        seconds[kind] = seconds_of(step, warmup=3, reps=args.steps)
+        first = seconds_of(step, warmup=0, reps=1)  # with --compile, the compilation is in here
+        seconds[kind] = seconds_of(step, warmup=2, reps=args.steps)
         flops, tokens = step_flops(model, batch)
         rate = flops / seconds[kind]
         print(f"  {kind:<10} batch {tuple(batch[0].shape)}: {seconds[kind] * 1e3:8.1f} ms/step, "
               f"{tokens / seconds[kind]:10.0f} tokens/s, MFU {rate / peak:.2f} of the measured peak"
-              + (f", {rate / datasheet:.2f} of the datasheet's" if datasheet else ""))
+              + (f", {rate / datasheet:.2f} of the datasheet's" if datasheet else "") + f"; first step {first:.1f} s")
     if args.preset == "paper":
         hours = sum(PAPER_STEPS[k] * seconds[k] for k in PAPER_STEPS) / 3600
         print(f"  the paper's run ({PAPER_STEPS['pretrain']:,} pretraining + {PAPER_STEPS['fine-tune']:,} "
@@ -225,17 +231,17 @@ def bench_eval(args):
 def bench_run(args):
     """The stages of `python train.py --preset P` (as cached in runs/): time by kind and utilisation. The
     peak is measured here, so the runs must come from this machine, one process, on its CPU."""
-    cfg = train.parse_args(["--preset", args.preset, "--runs", args.runs])[0]
-    here = train.environment()["machine"]
+    cfg = train.preset_config(args.preset, runs=args.runs)
+    here = runs.environment()["machine"]
     peak = matmul_peak(torch.device("cpu"), torch.float32)
     totals, flops, wall = {}, 0.0, 0.0
     print(f"{'stage':<10}{'seconds':>9}" + "".join(f"{k:>11}" for k in ("train", "eval", "checkpoint", "strategy",
                                                                         "other")) + f"{'TFLOP':>8}")
     for stage in train.stage_names(cfg):
-        path = os.path.join(train.stage_dir(cfg, stage)[0], "summary.json")
+        path = os.path.join(runs.stage_dir(cfg, stage)[0], "summary.json")
         if not os.path.exists(path):
             raise SystemExit(f"{path}: missing; run `python train.py --preset {args.preset}` first")
-        summary = train.read_json(path)
+        summary = runs.read_json(path)
         if "time_s" not in summary:
             raise SystemExit(f"{path}: made before summaries split their time; delete the run and rerun it")
         if summary["machine"] != here or summary.get("processes", 1) != 1 or torch.cuda.is_available():
@@ -252,7 +258,96 @@ def bench_run(args):
           f"{flops / (wall * peak):.2f}; training steps alone: {flops / (totals['train'] * peak):.2f}")
 
 
+def bench_precision(args):
+    """fp32 against bf16 autocast (train.py --precision) on this CPU, each ratio in one process: the matmul
+    peaks, a pretraining and a QA step of the preset, and the exact-match evaluation of its eval subset."""
+    device = torch.device("cpu")
+    cfg, model = preset_model(args.preset, device)
+    peaks = {dtype: matmul_peak(device, dtype, n=1024) for dtype in (torch.float32, torch.bfloat16)}
+    print(f"{torch.get_num_threads()} threads; native bf16: {runs.native_bf16('cpu')}; matmul peak (1024^2): fp32 "
+          f"{peaks[torch.float32] / 1e9:.1f}, bf16 {peaks[torch.bfloat16] / 1e9:.1f} GFLOP/s "
+          f"({peaks[torch.bfloat16] / peaks[torch.float32]:.2f}x)")
+    tok = data.build_tokenizer()
+    bio = data.build_dataset(train.data_config(cfg), tok)
+    qa = train.QASet.from_arrays(data.qa_arrays(bio, bio.splits["task0_test"], tok), device)
+    qa = qa.subset(range(min(len(qa), cfg.eval_subset)))
+    cases = {"pretraining step": pretrain_batch(cfg, model.cfg.vocab_size, device), "QA step": qa_batch(cfg, device)}
+    print(f"{'':<18}{'fp32 ms':>10}{'bf16 ms':>10}{'speed-up':>10}{'fp32 of fp32 peak':>19}{'bf16 of bf16 peak':>19}")
+    for name, batch in cases.items():
+        flops, _ = step_flops(model, batch)
+        params = [p for p in model.parameters()]
+        opt = train.make_optimizer(params, lr=1e-4, weight_decay=0.01)
+        seconds = {bf16: seconds_of(lambda: train.train_step(model, opt, params, batch, strategy=train.Seq(), ctx=None,
+                                                             bf16=bf16), warmup=1, reps=args.reps)
+                   for bf16 in (False, True)}
+        print(f"{name:<18}{seconds[False] * 1e3:>10.1f}{seconds[True] * 1e3:>10.1f}{seconds[False] / seconds[True]:>9.2f}x"
+              f"{flops / seconds[False] / peaks[torch.float32]:>19.2f}{flops / seconds[True] / peaks[torch.bfloat16]:>19.2f}")
+    seconds = {bf16: seconds_of(lambda: evaluate_in(model, qa, tok, bf16), warmup=1, reps=args.reps)
+               for bf16 in (False, True)}
+    print(f"{'evaluation':<18}{seconds[False] * 1e3:>10.1f}{seconds[True] * 1e3:>10.1f}"
+          f"{seconds[False] / seconds[True]:>9.2f}x   ({len(qa)} QA pairs, exact match)")
+
+
+def evaluate_in(model, qa, tok, bf16):
+    with runs.autocast("cpu", bf16):
+        return train.evaluate(model, qa, tok)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, t_i) computed `chunk` rows at a time, the gradient taken in the same pass: no (N, V)
+    logits tensor exists, each chunk's (chunk, V) block is used while it is still in cache. The candidate
+    for the output layer that `bench.py head` measures against the plain F.cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):  # hidden (N, C), weight (V, C), targets (N,)
+        total = torch.zeros((), dtype=torch.float32)
+        grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
+        for s in range(0, len(hidden), chunk):
+            h, t = hidden[s:s + chunk], targets[s:s + chunk]
+            logits = (h @ weight.t()).float()                                   # (n, V)
+            lse = logits.logsumexp(-1)                                          # (n,)
+            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            probs = logits.sub_(lse[:, None]).exp_()                            # softmax, in place
+            probs[torch.arange(len(t)), t] -= 1                                 # d CE / d logits
+            grad_hidden[s:s + chunk] = probs @ weight
+            grad_weight.addmm_(probs.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad, grad_weight * grad, None, None
+
+
+def bench_head(args):
+    """The output layer and its loss, forward and backward, at a pretraining step's shape of the preset
+    (every position a target): the plain head + F.cross_entropy, which writes and rereads (N, V) logits, against
+    ChunkedCrossEntropy at a few chunk sizes. Same sums and gradients (tests/test_precision.py)."""
+    cfg, model = preset_model(args.preset, torch.device("cpu"))
+    n, vocab = cfg.pretrain_batch * cfg.context, model.cfg.vocab_size
+    hidden = torch.randn(n, cfg.d_model, requires_grad=True)
+    weight = model.lm_head.weight.detach().clone().requires_grad_()
+    targets = torch.randint(0, vocab, (n,))
+
+    def plain():
+        torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum").backward()
+
+    cases = {"plain": plain} | {f"chunked {c}": (lambda c=c: ChunkedCrossEntropy.apply(hidden, weight, targets, c).backward())
+                                for c in (128, 256, 512, 1024)}
+    times = {name: [] for name in cases}
+    for _ in range(args.reps):  # round-robin, so that this machine's drift hits all alike
+        for name, fn in cases.items():
+            times[name].append(seconds_of(fn, warmup=1, reps=3))
+    plain_ms = statistics.median(times["plain"]) * 1e3
+    print(f"({n} x {cfg.d_model}) x ({cfg.d_model} x {vocab}): logits {n * vocab * 4 / 2**20:.0f} MB in fp32")
+    for name, t in times.items():
+        ms = statistics.median(t) * 1e3
+        print(f"{name:>14}: {ms:7.1f} ms forward + backward, {plain_ms / ms:.2f}x plain")
+
+
 def bench_model(args):
+    """Training tokens/s of our Transformer against transformers' GPTNeoXForCausalLM, same model and inputs."""
     import transformers  # test-only dependency (requirements-dev.txt)
     torch.manual_seed(0)
     hf_config = transformers.GPTNeoXConfig(vocab_size=8192, hidden_size=256, num_hidden_layers=6,
@@ -289,23 +384,56 @@ def bench_model(args):
     print(f"ratio ours / transformers: {rate['ours'] / rate['transformers']:.2f}  (target >= 1.0)")
 
 
-if __name__ == "__main__":
+def whole(minimum):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text):
+        try:
+            value = int(text)
+            assert value >= minimum
+        except (ValueError, AssertionError):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {minimum}") from None
+        return value
+    return parse
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["model", "flops", "eval", "run", "train"], help="which benchmark to run")
-    parser.add_argument("--batch", type=int, default=8, help="model: sequences per step")
-    parser.add_argument("--seq-len", type=int, default=256, help="model: tokens per sequence")
-    parser.add_argument("--steps", type=int, default=15, help="model, train: timed steps")
-    parser.add_argument("--reps", type=int, default=9, help="eval: timed rounds")
-    parser.add_argument("--checkpoint", help="eval: a checkpoint directory to evaluate (default: random weights)")
-    parser.add_argument("--preset", default="cpu", help="run, train: the preset (default: cpu)")
-    parser.add_argument("--runs", default="runs", help="run: the runs directory (default: runs)")
-    parser.add_argument("--cpu", action="store_true", help="train: stay on the CPU even if a GPU is present")
-    parser.add_argument("--compile", action="store_true", help="train: torch.compile the model first")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="flops: also print each step's N costliest operations by input shape")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="keep glibc's malloc settings (to measure what train.keep_freed_memory gains)")
-    args = parser.parse_args()
+                        help="keep glibc's malloc settings (to measure what runs.keep_freed_memory gains)")
+    sub = parser.add_subparsers(dest="what", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
+    commands = {name: sub.add_parser(name, help=HELP[name]) for name in BENCHMARKS}
+    for name in ("precision", "head", "train", "run"):
+        commands[name].add_argument("--preset", default="cpu", choices=list(train.PRESETS),
+                                    help="the preset whose model and batches are measured (default: cpu)")
+    commands["model"].add_argument("--batch", type=whole(1), default=8, help="sequences per step")
+    commands["model"].add_argument("--seq-len", type=whole(1), default=256, help="tokens per sequence")
+    for name in ("model", "train"):
+        commands[name].add_argument("--steps", type=whole(1), default=15, help="timed steps")
+    for name in ("eval", "precision", "head"):
+        commands[name].add_argument("--reps", type=whole(1), default=9 if name == "eval" else 3, help="timed rounds")
+    commands["eval"].add_argument("--checkpoint", help="a checkpoint directory to evaluate (default: random weights)")
+    commands["run"].add_argument("--runs", default="runs", help="the runs directory (default: runs)")
+    commands["train"].add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
+    commands["train"].add_argument("--compile", action="store_true", help="torch.compile the model first")
+    commands["flops"].add_argument("--profile", type=whole(0), default=0, metavar="N",
+                                   help="also print each step's N costliest operations by input shape")
+    args = parser.parse_args(argv)
+    if getattr(args, "checkpoint", None) and not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        parser.error(f"--checkpoint {args.checkpoint}: expected a checkpoint directory with a config.json")
+    if args.what == "run" and not os.path.isdir(args.runs):
+        parser.error(f"--runs {args.runs}: no such directory (run `python train.py --runs {args.runs}` first)")
+    return args
+
+
+HELP = {"model": "training tokens/s: ours against transformers", "flops": "utilisation of the fp32 matmul peak",
+        "eval": "exact-match evaluation and generate against transformers' generate",
+        "run": "where a cached train.py run's time went", "train": "tokens/s and MFU of a preset's training steps",
+        "precision": "fp32 against bf16 autocast", "head": "the output layer's loss: plain against chunked"}
+BENCHMARKS = {"model": bench_model, "flops": bench_flops, "eval": bench_eval, "run": bench_run, "train": bench_train,
+              "precision": bench_precision, "head": bench_head}
+
+if __name__ == "__main__":
+    args = parse_args()
     if not args.default_malloc:
-        train.keep_freed_memory()  # as train.py does
-    {"model": bench_model, "flops": bench_flops, "eval": bench_eval, "run": bench_run, "train": bench_train}[args.what](args)
+        runs.keep_freed_memory()  # as train.py does
+    BENCHMARKS[args.what](args)

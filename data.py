@@ -6,7 +6,8 @@ fine-tuning tasks, which teach the model to *use* that knowledge in a fixed form
 
 Read top to bottom: configuration -> value pools and templates (plain text in pools/, checked on
 load) -> word-level tokenizer -> people, biographies and QA pairs -> training views (packed
-pretraining blocks, padded QA arrays) -> command line.
+pretraining blocks, padded QA arrays, and QASet: those arrays as tensors on the training device, cut into
+batches) -> command line.
 
 Speed: the paper's 200,000 people give 1,000,000 biographies and 1,200,000 QA pairs. Instead of
 formatting and tokenizing every text, every fragment a text can contain (a template's words, a
@@ -15,10 +16,10 @@ gather turns all rows into token ids. Text strings are only built when asked for
 """
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
-import os
 import re
 import string
 import sys
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from model import atomic_write  # the project's one atomic-write helper (temporary file, then rename)
 
@@ -59,16 +61,17 @@ YEARS = range(1900, 2100)
 
 @dataclass(frozen=True)
 class DataConfig:
-    n_people: int  # P, the pretraining population: bios of people 0..P-1 are the pretraining text
-    task_size: int  # people in each new-task block (Tasks 1..K); never in the pretraining text
-    n_tasks: int  # K, the new-people tasks after Task 0
+    """The population; the defaults are train.py's cpu preset (its other presets: train.PRESETS)."""
+    n_people: int = 500  # P, the pretraining population: bios of people 0..P-1 are the pretraining text
+    task_size: int = 200  # people in each new-task block (Tasks 1..K); never in the pretraining text
+    n_tasks: int = 1  # K, the new-people tasks after Task 0
     seed: int = 0
     # How many first, middle and last names the population draws from (the first n of each pool file).
     # At the paper's scale (100K people, BPE) every name piece is shared by ~100-250 people; a small
     # population drawing from the full 400/400/1000 pools would give most people a last name (and so,
     # with a word-level tokenizer, a token) of their own, and most new-task people a name token that
-    # pretraining never showed. Small presets therefore use small pools, scaled to their population.
-    name_pools: tuple[int, int, int] = (400, 400, 1000)
+    # pretraining never showed. Small populations therefore use small pools, scaled to their size.
+    name_pools: tuple[int, int, int] = (25, 25, 35)
 
     def __post_init__(self):
         for field, low in (("n_people", 2), ("task_size", 1), ("n_tasks", 0), ("seed", 0)):
@@ -88,24 +91,6 @@ class DataConfig:
     @property
     def n_total(self) -> int:
         return self.n_people + self.n_tasks * self.task_size
-
-
-# Each small preset's name pools give every name to at least ~20 people of its whole population.
-PRESETS = {
-    "tiny": DataConfig(n_people=50, task_size=25, n_tasks=2, name_pools=(5, 5, 5)),  # tests and CI
-    "cpu": DataConfig(n_people=500, task_size=200, n_tasks=1, name_pools=(25, 25, 35)),  # train.py's default
-    "deep": DataConfig(n_people=300, task_size=120, n_tasks=1, name_pools=(15, 15, 20)),  # the 8-block freeze sweep
-    "paper": DataConfig(n_people=100_000, task_size=20_000, n_tasks=5),  # the paper's scale and pools
-}
-
-
-def get_preset(name: str, **overrides) -> DataConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    if unknown := sorted(set(overrides) - known):
-        raise ValueError(f"unknown DataConfig field(s) {unknown}; valid fields: {sorted(known)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
 
 
 # ----------------------------------------------------------------------------- pools and templates
@@ -508,6 +493,38 @@ def build_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, pools: Po
 
 # ----------------------------------------------------------------------------- training views
 
+@functools.cache
+def token_limits(name_pools: tuple[int, int, int]) -> dict:
+    """From the pools alone, without building a population: the longest QA pair (prompt + answer + EOS) and
+    the shortest biography entry any person drawing names from these pools can have, in tokens, and the
+    vocabulary size. What a model's context must hold, checked before any training starts."""
+    pools = load_pools()
+    tokenizer = build_tokenizer(pools)
+    lengths = {name: [len(tokenizer.encode(text)) for text in texts] for name, texts in _piece_groups(pools).items()}
+    names = [lengths[group][:n] for group, n in zip(("first", "middle", "last"), name_pools)]
+    name_max = sum(map(max, names))
+    name_min = min(names[0] + lengths["first_bare"][:name_pools[0]]) + min(names[1]) + min(names[2])
+    longest_qa = max(lengths[f"qa_head:{a}"][0] + name_max + lengths[f"qa_tail:{a}"][0] + max(lengths[f"value:{a}"]) + 1
+                     for a in ATTRIBUTES)
+    # an entry: six sentences, each the name, then a template's head and tail around a value
+    shortest_entry = sum(name_min + min(h + t for h, t in zip(lengths[f"head:{a}"], lengths[f"tail:{a}"]))
+                         + min(lengths[f"value:{a}"]) for a in ATTRIBUTES)
+    return {"longest_qa": longest_qa, "shortest_entry": shortest_entry, "vocab_size": tokenizer.vocab_size}
+
+
+def check_context(context: int, cfg: DataConfig):
+    """A ValueError unless a model of `context` tokens can train on this population: every QA pair it can
+    make fits, with the two-token task marker LAMOL_t puts before a pair, and the pretraining biographies fill
+    at least one packed sequence of context + 1 tokens (bounds from the pools: token_limits)."""
+    limits = token_limits(cfg.name_pools)
+    if context < limits["longest_qa"] + 1:
+        raise ValueError(f"expected at least {limits['longest_qa'] + 1} tokens (the longest QA pair these name pools"
+                         f" can make, {limits['longest_qa']} tokens, after LAMOL's task marker)")
+    if cfg.n_people * ENTRIES_PER_PERSON * (limits["shortest_entry"] + 1) < context + 1:
+        raise ValueError(f"the biographies of {cfg.n_people} people may not fill one packed sequence of {context + 1}"
+                         f" tokens; expected a shorter context")
+
+
 def pack_pretraining(entries: list[np.ndarray], block_size: int, eos_id: int,
                      rng: np.random.Generator) -> np.ndarray:
     """Shuffle the entries, put EOS after each, cut the stream into rows of block_size + 1 tokens
@@ -587,6 +604,62 @@ def _arrays_from_pieces(pc: PieceTable, rows, n_prompt_pieces, tokenizer, attrib
                     tokens[np.arange(len(rows)), prompt_len], attribute, person_id)
 
 
+@dataclass
+class QASet:
+    """One set of QA pairs as tensors on the training device, plus the pieces needed for greedy exact match."""
+    tokens: torch.Tensor      # (N, T) prompt + answer + EOS, right-padded
+    loss_mask: torch.Tensor   # (N, T) True on the answer and EOS tokens
+    answer_first: torch.Tensor  # (N,) the answer's first token
+    attribute: torch.Tensor   # (N,) index into ATTRIBUTES
+    prompts: list             # N token-id lists, ending at "Answer:"
+    answers: list             # N token-id lists: answer + EOS
+
+    @classmethod
+    def from_arrays(cls, qa: QAArrays, device):
+        t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+        prompts = [row[:p].tolist() for row, p in zip(qa.tokens, qa.prompt_len)]
+        answers = [row[p:n].tolist() for row, p, n in zip(qa.tokens, qa.prompt_len, qa.length)]
+        return cls(t(qa.tokens), t(qa.loss_mask), t(qa.answer_first_id), t(qa.attribute), prompts, answers)
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def subset(self, idx):
+        idx_t = torch.as_tensor(idx, device=self.tokens.device)
+        return QASet(self.tokens[idx_t], self.loss_mask[idx_t], self.answer_first[idx_t], self.attribute[idx_t],
+                     [self.prompts[i] for i in idx], [self.answers[i] for i in idx])
+
+    def batch(self, idx):
+        """The rows idx as one training batch (inputs, targets, loss_mask), trimmed of padding columns."""
+        idx = torch.as_tensor(idx, device=self.tokens.device)
+        width = int(self.loss_mask[idx].any(0).nonzero().max()) + 1
+        tokens, mask = self.tokens[idx, :width], self.loss_mask[idx, :width]
+        return tokens[:, :-1], tokens[:, 1:], mask[:, 1:]                  # (B, W-1) each
+
+    @staticmethod
+    def join(sets, pad_id):
+        """Several sets as one, right-padded to the widest."""
+        width = max(qa.tokens.shape[1] for qa in sets)
+        pad = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+        return QASet(torch.cat([pad(qa.tokens, pad_id) for qa in sets]), torch.cat([pad(qa.loss_mask, False) for qa in sets]),
+                     torch.cat([qa.answer_first for qa in sets]), torch.cat([qa.attribute for qa in sets]),
+                     [p for qa in sets for p in qa.prompts], [a for qa in sets for a in qa.answers])
+
+    @classmethod
+    def from_pairs(cls, prompts, answers, pad_id, device):
+        """QA pairs given as token lists (prompt ending at 'Answer:', answer ending with EOS), e.g. generated
+        ones; their attribute is unknown and set to 0."""
+        width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            tokens[i, :len(p) + len(a)] = torch.tensor(p + a)
+            mask[i, len(p):len(p) + len(a)] = True
+        first = torch.tensor([a[0] for a in answers])
+        return cls(tokens.to(device), mask.to(device), first.to(device), torch.zeros_like(first).to(device),
+                   [list(p) for p in prompts], [list(a) for a in answers])
+
+
 # ----------------------------------------------------------------------------- files and command line
 
 def write_dataset(data: BioData, out_dir):
@@ -644,34 +717,43 @@ def _bench(cfg: DataConfig, pool_dir: Path):
         print(f"  {label:18s} {seconds:6.1f} s")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, without the usage
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the Biography dataset (people, bios, QA pairs).")
-    parser.add_argument("--preset", default="cpu", choices=list(PRESETS), help="dataset size (default: cpu)")
-    parser.add_argument("--seed", type=int, help="override the preset's seed")
-    parser.add_argument("--name-pools", metavar="F,M,L", help="override the preset's name pool sizes, e.g. 400,400,1000")
+    parser = ArgumentParser(description="Generate the Biography dataset (people, bios, QA pairs). The sizes"
+                                                 " default to train.py's cpu preset; its others are train.PRESETS.")
+    defaults = DataConfig()
+    parser.add_argument("--n-people", type=int, default=defaults.n_people, help="pretraining population P")
+    parser.add_argument("--task-size", type=int, default=defaults.task_size, help="people in each new task")
+    parser.add_argument("--n-tasks", type=int, default=defaults.n_tasks, help="new-people tasks K after Task 0")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the population")
+    parser.add_argument("--name-pools", metavar="F,M,L", default=",".join(map(str, defaults.name_pools)),
+                        help="how many first, middle and last names the population draws from, e.g. 400,400,1000")
     parser.add_argument("--show", type=int, default=0, metavar="N",
                         help="print the first N people with their five bios and six QA pairs")
     parser.add_argument("--out", metavar="DIR", help="write the dataset as JSONL files into DIR")
-    parser.add_argument("--bench", action="store_true", help="time generation + tokenization of the preset")
+    parser.add_argument("--bench", action="store_true", help="time generation + tokenization")
     parser.add_argument("--pools", default=str(POOL_DIR), metavar="DIR",
                         help="folder of pool and template files (default: pools/ next to data.py)")
     args = parser.parse_args(argv)
     try:
-        overrides = {} if args.seed is None else {"seed": args.seed}
-        if args.name_pools:
-            try:
-                overrides["name_pools"] = tuple(int(n) for n in args.name_pools.split(","))
-            except ValueError:
-                raise ValueError(f"--name-pools {args.name_pools!r}: expected three numbers like 25,25,35") from None
-        cfg = get_preset(args.preset, **overrides)
+        try:
+            name_pools = tuple(int(n) for n in args.name_pools.split(","))
+        except ValueError:
+            raise ValueError(f"--name-pools {args.name_pools!r}: expected three numbers like 25,25,35") from None
+        cfg = DataConfig(n_people=args.n_people, task_size=args.task_size, n_tasks=args.n_tasks, seed=args.seed,
+                         name_pools=name_pools)
         if args.bench:
-            print(f"preset {args.preset}: {cfg}")
+            print(cfg)
             _bench(cfg, Path(args.pools))
             return 0
         if not 0 <= args.show <= cfg.n_total:
-            raise ValueError(f"--show must be between 0 and {cfg.n_total} (people in preset {args.preset})")
+            raise ValueError(f"--show {args.show}: expected 0..{cfg.n_total} (the people of this population)")
         data = build_dataset(cfg, pools=load_pools(args.pools))
-        print(f"preset {args.preset}: {cfg}")
+        print(cfg)
         print("split sizes: " + ", ".join(f"{name} {len(ids):,}" for name, ids in data.splits.items()))
         print(f"name sharing (pools of {cfg.name_pools[0]} first, {cfg.name_pools[1]} middle, "
               f"{cfg.name_pools[2]} last names):")

@@ -277,6 +277,21 @@ def left_pad(prompts, pad_id, device=None):
     return idx, mask
 
 
+def positions_and_mask(B, T, start, attention_mask, device):
+    """The positions of T new tokens after `start` cached ones, and the attention mask: (T,) and None (plain
+    causal: SDPA's fast path) without padding or a cache, else (B, T) and (B, 1, T, S) over S = start + T keys.
+    attention_mask (B, S): 1 = real token, 0 = padding."""
+    if attention_mask is None and start == 0:
+        return torch.arange(T, device=device), None
+    valid = (attention_mask.bool() if attention_mask is not None
+             else torch.ones(B, start + T, dtype=torch.bool, device=device))       # (B, S)
+    # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]                     # (B, T)
+    q_idx = torch.arange(start, start + T, device=device)[:, None]
+    k_idx = torch.arange(start + T, device=device)[None, :]
+    mask = (k_idx <= q_idx) & valid[:, None, :]                                     # (B, T, S)
+    return pos, (mask | (k_idx == q_idx)).unsqueeze(1)  # a padding query sees itself: no all-masked rows (NaN)
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -308,11 +323,8 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def num_params(self, non_embedding=False):
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.embed.weight.numel() + (0 if self.cfg.tie_embeddings else self.lm_head.weight.numel())
-        return n
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + a backward costing twice the forward), split as (body, head)
@@ -346,17 +358,7 @@ class Transformer(nn.Module):
         start = cache.len if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        if attention_mask is None and start == 0:
-            pos, mask = torch.arange(T, device=idx.device), None  # plain causal: SDPA's fast path
-        else:
-            valid = (attention_mask.bool() if attention_mask is not None
-                     else torch.ones(B, start + T, dtype=torch.bool, device=idx.device))  # (B, S)
-            # Positions count real tokens only, so a left-padded prompt sees the same positions as alone.
-            pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]         # (B, T)
-            q_idx = torch.arange(start, start + T, device=idx.device)[:, None]
-            k_idx = torch.arange(start + T, device=idx.device)[None, :]
-            mask = (k_idx <= q_idx) & valid[:, None, :]                         # (B, T, S)
-            mask = (mask | (k_idx == q_idx)).unsqueeze(1)  # a padding query sees itself: no all-masked rows (NaN)
+        pos, mask = positions_and_mask(B, T, start, attention_mask, idx.device)
         x = self.embed(idx)                                                     # (B, T, C)
         if self.cfg.position == "learned":
             x = x + self.pos_embed(pos)
@@ -719,7 +721,7 @@ def save_pretrained(model: Transformer, path, max_shard_bytes=None):
             size = 0
         shards[-1][name] = t
         size += nbytes
-    _write_json(os.path.join(path, "config.json"), hf_cfg)
+    write_json(os.path.join(path, "config.json"), hf_cfg)
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if max_shard_bytes is None:
         write_safetensors(single, tensors, {"format": "pt"})
@@ -729,14 +731,14 @@ def save_pretrained(model: Transformer, path, max_shard_bytes=None):
         for name, shard in zip(names, shards):
             write_safetensors(os.path.join(path, name), shard, {"format": "pt"})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        _write_json(index, {"metadata": {"total_size": total},
-                            "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}})
+        write_json(index, {"metadata": {"total_size": total},
+                           "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}})
         stale = [single]
     for f in stale:  # a leftover file of the other layout would shadow or confuse the new one
         if os.path.exists(f):
             os.remove(f)
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2)

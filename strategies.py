@@ -16,44 +16,94 @@ next task, from the model it starts from: that model *is* the end of the finishe
 the same as computing it at that task's end, and every method can share one cached Task-0 run. start()
 depends only on that model and seeded generators, so a resumed run repeats it bit for bit.
 
-Each strategy declares its hyper-parameters as a small dataclass (its `Config`): train.py turns the
-fields into flags and puts their values into the run's cache key. Field names carry the method's name,
-since all methods share one command line.
+Each strategy declares its hyper-parameters as a small dataclass (its `Config`): each field with its help
+and what a valid value is (hp), checked when the Config is built (check_settings, which TrainConfig uses
+too). train.py turns the fields into flags and puts their values into the run's cache key. Field names carry
+the method's name, since all methods share one command line.
 """
 import copy
+import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
+from data import QASet
 from model import Transformer
 
 
-def hp(default, help):
-    return field(default=default, metadata={"help": help})
+def hp(default, help, check=None, **metadata):
+    """A setting: its default, its --help text, and `check` = (valid(value) -> bool, what is expected)."""
+    return field(default=default, metadata={"help": help, "check": check, **metadata})
+
+
+def at_least(low):
+    return (lambda v: v >= low), f"{low} or more"
+
+
+def share(low_open=False):
+    return ((lambda v: 0 < v <= 1), "a share in (0, 1]") if low_open else ((lambda v: 0 <= v <= 1), "a share in [0, 1]")
+
+
+def one_of(*choices):
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def check_settings(config):
+    """Check every field of a settings dataclass (TrainConfig, a strategy's Config) against its declared type
+    and its `check`, so that a config built in Python is refused like a bad flag: one line naming the flag.
+    An int given for a float is made a float first: 1 and 1.0 are one setting, and so one cache key."""
+    for f in dataclasses.fields(config):
+        value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
+        if f.type is float and type(value) is int:
+            value = float(value)
+            setattr(config, f.name, value)
+        if f.type in TYPE_NAMES and type(value) is not f.type:
+            raise ValueError(f"{flag} {value!r}: expected {TYPE_NAMES[f.type]}")
+        if f.type is float and not math.isfinite(value):
+            raise ValueError(f"{flag} {value!r}: expected a finite number")
+        valid, expected = f.metadata.get("check") or (None, None)
+        if valid and not valid(value):
+            raise ValueError(f"{flag} {value!r}: expected {expected}")
+
+
+@dataclass
+class Settings:
+    """Base of every strategy's Config: checked when built."""
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 @dataclass
 class Context:
-    """What a hook may read. train.py builds one per task."""
+    """What a strategy's hooks see of the task being trained (train.py builds one per task): the model, the
+    training QA of every task so far, the run's seed and batch size, and the three things of train.py's a
+    method may ask for: batches of a QA set, a plain fine-tuning run, an exact-match score."""
     model: torch.nn.Module
     task: int                 # 0 = Task 0, k = Task k
     tok: object               # data.Tokenizer
-    train: list               # training QA sets of tasks 0..task (index = task), QASet of train.py
-    out: str                  # the stage directory
     seed: int
     batch_size: int
-    batches: object           # (qa, batch_size, rng) -> list of (inputs, targets, loss_mask) batches
-    join: object              # list of QA sets -> one QA set (padded to a common width)
-    from_pairs: object        # (prompts, answers) token-id lists -> a QA set
-    fit: object               # (model, qa, seed) -> an endless generator, one fine-tuning step per item,
-                              # with the stage's own optimizer settings: for preliminary runs
-    evaluate: object          # (model, task) -> exact match: Task 0 on its test people, Task k on its pairs
-    checkpoints: dict = field(default_factory=dict)  # step -> directory, filled as the stage saves them
-    step: int = 0             # the training step, kept current by train.py
-    optimizer: object = None  # set when train.py has built it
+    train: list               # training QA sets of tasks 0..task (index = task): data.QASet
+    batches: Callable         # train.qa_batches(qa, batch_size, rng): one epoch of (inputs, targets, loss_mask)
+    fit: Callable             # train.fine_tuning_steps(model, qa, seed): endless, one fine-tuning step per item
+    evaluate: Callable        # (model, task) -> exact match: Task 0 on its test people, Task k on its pairs
+    step: int = 0             # steps trained so far, kept current by train.py's loop
+    checkpoints: dict = field(default_factory=dict)  # step -> directory of the models saved, filled before end()
+
+    def join(self, sets):
+        """Several QA sets as one, padded to a common width."""
+        return QASet.join(sets, self.tok.pad_id)
+
+    def from_pairs(self, prompts, answers):
+        """A QA set from token-id lists (prompts ending at 'Answer:', answers ending with EOS)."""
+        return QASet.from_pairs(prompts, answers, self.tok.pad_id, next(self.model.parameters()).device)
 
 
 def snapshot(model):
@@ -70,7 +120,7 @@ class Seq:
     changes_task0 = False  # True if the method trains Task 0 differently (then Task 0 is its own run)
 
     @dataclass
-    class Config:
+    class Config(Settings):
         pass
 
     def __init__(self, config=None):
@@ -123,17 +173,13 @@ class Freeze(Seq):
     name = "freeze"
 
     @dataclass
-    class Config:
-        freeze_layers: int = hp(1, "freeze: the embedding plus this many bottom blocks are frozen from Task 1 on")
+    class Config(Settings):
+        freeze_layers: int = hp(1, "freeze: the embedding plus this many bottom blocks are frozen from Task 1 on",
+                                at_least(0))
         freeze_by: str = hp("index", "freeze: 'index' freezes blocks 0..k-1; 'substring' the authors' effective"
                                      " set (block j frozen if 'layers.j.' contains 'layers.i' for an i < k); 'top'"
-                                     " the top k blocks and not the embedding (a control for analysis.py)")
-
-        def __post_init__(self):
-            if self.freeze_layers < 0:
-                raise ValueError(f"--freeze-layers {self.freeze_layers}: expected 0 or more")
-            if self.freeze_by not in ("index", "substring", "top"):
-                raise ValueError(f"--freeze-by {self.freeze_by!r}: expected index, substring or top")
+                                     " the top k blocks and not the embedding (a control for analysis.py)",
+                            one_of("index", "substring", "top"))
 
     freeze_embedding = True
 
@@ -173,7 +219,7 @@ class AuthorsSeq(Freeze):
     freeze_embedding = False
 
     @dataclass
-    class Config:
+    class Config(Settings):
         pass
 
     def frozen_blocks(self, n_blocks):
@@ -233,16 +279,12 @@ class EWC(Seq):
     name = "ewc"
 
     @dataclass
-    class Config:
-        ewc_lambda: float = hp(100.0, "ewc: strength lambda of the penalty (the authors: 5000, with their Fisher)")
+    class Config(Settings):
+        ewc_lambda: float = hp(100.0, "ewc: strength lambda of the penalty (the authors: 5000, with their Fisher)",
+                               at_least(0))
         ewc_fisher: str = hp("per-sample", "ewc: Fisher estimator, per-sample (correct) or authors (squared"
-                                           " batch-mean gradients, as in the paper's code)")
-
-        def __post_init__(self):
-            if self.ewc_lambda < 0:
-                raise ValueError(f"--ewc-lambda {self.ewc_lambda}: expected 0 or more")
-            if self.ewc_fisher not in ("per-sample", "authors"):
-                raise ValueError(f"--ewc-fisher {self.ewc_fisher!r}: expected per-sample or authors")
+                                           " batch-mean gradients, as in the paper's code)",
+                             one_of("per-sample", "authors"))
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -293,17 +335,14 @@ class Replay(Seq):
     name = "replay"
 
     @dataclass
-    class Config:
+    class Config(Settings):
         replay_fraction: float = hp(0.2, "replay: share of each finished task's training pairs kept (the paper:"
-                                         " 0.1 and 0.2)")
-
-        def __post_init__(self):
-            if not 0 < self.replay_fraction <= 1:
-                raise ValueError(f"--replay-fraction {self.replay_fraction}: expected a share in (0, 1]")
+                                         " 0.1 and 0.2)", share(low_open=True))
 
     def __init__(self, config=None):
         super().__init__(config)
         self.buffer = np.zeros((0, 2), dtype=np.int64)  # rows of (task, pair index)
+        self.pool = None  # the new task's pairs and the buffer's, as one QA set (start)
 
     def label(self):
         return f"replay{self.config.replay_fraction:g}"
@@ -344,6 +383,10 @@ class MultiTask(Seq):
     earlier task at once, shuffled together, starting from the shared Task-0 model."""
     name = "multitask"
 
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.pool = None  # every pair of every task so far, as one QA set (start)
+
     def start(self, ctx):
         super().start(ctx)
         self.pool = ctx.join(ctx.train[:ctx.task + 1])
@@ -370,18 +413,17 @@ class Lamol(Seq):
     changes_task0 = True
 
     @dataclass
-    class Config:
+    class Config(Settings):
         lamol_token: str = hp("shared", "lamol: generation marker, shared (LAMOL_g: EOS for every task) or task"
-                                        " (LAMOL_t: EOS then ' k+1' for task k)")
-        lamol_gen_weight: float = hp(0.25, "lamol: weight of the generation loss")
-        lamol_sample_share: float = hp(0.2, "lamol: pseudo samples per new task, as a share of its size")
-        lamol_top_k: int = hp(20, "lamol: top-k of the sampling")
+                                        " (LAMOL_t: EOS then ' k+1' for task k)", one_of("shared", "task"))
+        lamol_gen_weight: float = hp(0.25, "lamol: weight of the generation loss", at_least(0))
+        lamol_sample_share: float = hp(0.2, "lamol: pseudo samples per new task, as a share of its size",
+                                       ((lambda v: 0 <= v <= 10), "a number in [0, 10]"))
+        lamol_top_k: int = hp(20, "lamol: top-k of the sampling", at_least(1))
 
-        def __post_init__(self):
-            if self.lamol_token not in ("shared", "task"):
-                raise ValueError(f"--lamol-token {self.lamol_token!r}: expected shared or task")
-            if self.lamol_gen_weight < 0 or not 0 <= self.lamol_sample_share <= 10 or self.lamol_top_k < 1:
-                raise ValueError("--lamol-gen-weight, --lamol-sample-share, --lamol-top-k: expected >= 0, 0..10, >= 1")
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.pool, self.quality = None, {}  # the task's pairs and the pseudo ones; how good those were, by task
 
     def label(self):
         c = self.config
@@ -470,20 +512,20 @@ class GradientProjection(Seq):
     name = "gradproj"
 
     @dataclass
-    class Config:
-        gp_runs: int = hp(10, "gradproj: preliminary runs averaged into the direction")
+    class Config(Settings):
+        gp_runs: int = hp(10, "gradproj: preliminary runs averaged into the direction", at_least(1))
         gp_window: str = hp("10,50", "gradproj: first,last step of the update window (the authors: 100,150 of"
                                      " 62,500 steps; ours: where the cpu preset's collapse happens)")
-        gp_rule: str = hp("authors", "gradproj: authors (g -= d cos(g, d)) or exact (remove g's component on d)")
+        gp_rule: str = hp("authors", "gradproj: authors (g -= d cos(g, d)) or exact (remove g's component on d)",
+                          one_of("authors", "exact"))
 
         def __post_init__(self):
+            super().__post_init__()
             try:
                 lo, hi = (int(s) for s in self.gp_window.split(","))
                 assert 0 <= lo < hi
             except (ValueError, AssertionError):
                 raise ValueError(f"--gp-window {self.gp_window!r}: expected two steps like 10,50") from None
-            if self.gp_runs < 1 or self.gp_rule not in ("authors", "exact"):
-                raise ValueError("--gp-runs: expected >= 1; --gp-rule: expected authors or exact")
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -554,23 +596,30 @@ class TaskVector(Seq):
     name = "taskvector"
 
     @dataclass
-    class Config:
-        tv_every: int = hp(5, "taskvector: save the model every this many epochs")
+    class Config(Settings):
+        tv_every: int = hp(5, "taskvector: save the model every this many epochs", at_least(1))
         tv_alphas: str = hp("0.1,0.2,0.3,0.5,0.7,1", "taskvector: the alphas to try")
-        tv_min_new: float = hp(0.95, "taskvector: the chosen point must keep the new task's exact match >= this")
+        tv_min_new: float = hp(0.95, "taskvector: the chosen point must keep the new task's exact match >= this",
+                               share())
+        # The grid's saved models. Added after runs were cached: in the cache key only when changed (runs.stage_dir),
+        # so that those runs keep their keys.
+        tv_last: int = hp(3, "taskvector: models e to move back: the last this many saved (which know the new task)",
+                          at_least(1), keyed_when_changed=True)
+        tv_stride: int = hp(2, "taskvector: models E whose vector is taken out: every this many saved, from the first",
+                            at_least(1), keyed_when_changed=True)
 
         def __post_init__(self):
+            super().__post_init__()
             try:
                 alphas = [float(a) for a in self.tv_alphas.split(",")]
-                assert alphas and all(a >= 0 for a in alphas)
+                assert alphas and all(math.isfinite(a) and a >= 0 for a in alphas)
             except (ValueError, AssertionError):
-                raise ValueError(f"--tv-alphas {self.tv_alphas!r}: expected numbers like 0.1,0.5,1") from None
-            if self.tv_every < 1:
-                raise ValueError(f"--tv-every {self.tv_every}: expected >= 1")
+                raise ValueError(f"--tv-alphas {self.tv_alphas!r}: expected numbers >= 0 like 0.1,0.5,1") from None
 
     def __init__(self, config=None):
         super().__init__(config)
         self.grid, self.best = [], None
+        self.theta_0 = {}  # the model the task started from (start)
 
     def label(self):
         return self.name
@@ -598,17 +647,24 @@ class TaskVector(Seq):
                 for n, p in model.named_parameters():
                     p.copy_(point[n])
 
-        self.grid, self.best = [], None
-        for e in steps[-3:]:  # late models, which know the new task; minus vectors from anywhere in the run
-            for E in steps[::2]:
+        self.grid = []
+        for e in steps[-self.config.tv_last:]:  # late models, which know the new task; vectors from the whole run
+            for E in steps[::self.config.tv_stride]:
                 for alpha in [float(a) for a in self.config.tv_alphas.split(",")]:
                     move(probe, e, E, alpha)
-                    point = {"e_step": e, "E_step": E, "alpha": alpha, "task0_em": ctx.evaluate(probe, 0),
-                             "new_em": ctx.evaluate(probe, ctx.task)}
-                    self.grid.append(point)
-                    if point["new_em"] >= self.config.tv_min_new and (
-                            self.best is None or point["task0_em"] > self.best["task0_em"]):
-                        self.best = point
+                    self.grid.append({"e_step": e, "E_step": E, "alpha": alpha, "task0_em": ctx.evaluate(probe, 0),
+                                      "new_em": ctx.evaluate(probe, ctx.task)})
+        if torch.distributed.is_initialized():
+            # Every rank scored the grid, but evaluations need not round alike on every device: take rank 0's
+            # scores (as gradient projection takes rank 0's direction), so that every rank makes one choice.
+            scores = torch.tensor([[p["task0_em"], p["new_em"]] for p in self.grid], dtype=torch.float64, device=device)
+            torch.distributed.broadcast(scores, src=0)
+            for point, (task0_em, new_em) in zip(self.grid, scores.tolist()):
+                point["task0_em"], point["new_em"] = task0_em, new_em
+        self.best = None
+        for point in self.grid:
+            if point["new_em"] >= self.config.tv_min_new and (self.best is None or point["task0_em"] > self.best["task0_em"]):
+                self.best = point
         if self.best is not None:
             move(ctx.model, self.best["e_step"], self.best["E_step"], self.best["alpha"])
 
@@ -625,14 +681,24 @@ def config_fields():
     return {f.name: (name, f) for name, cls in STRATEGIES.items() for f in cls.Config.__dataclass_fields__.values()}
 
 
+def check_strategy_args(settings, n_layer, n_tasks):
+    """Every strategy's settings in `settings`, as the table and the sweeps use them all, for a model of n_layer
+    blocks and n_tasks new tasks; a ValueError naming the flag if one is wrong."""
+    if unknown := sorted(set(settings) - set(config_fields())):
+        raise ValueError(f"strategy settings {unknown}: expected some of {', '.join(config_fields())}")
+    for name in STRATEGIES:
+        make_strategy(name, settings)
+    if not 0 <= settings.get("freeze_layers", 0) <= n_layer:
+        raise ValueError(f"--freeze-layers {settings['freeze_layers']}: expected 0..{n_layer} (the model has {n_layer}"
+                         f" blocks)")
+    if n_tasks > 27 and settings.get("lamol_token") == "task":
+        raise ValueError(f"--lamol-token task: markers ' 1' .. ' 28' cover 28 tasks, not {n_tasks + 1}")
+
+
 def make_strategy(name, settings=None):
     """The strategy `name`, configured from `settings` (a dict that may hold other strategies' fields too)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}")
     cls = STRATEGIES[name]
     fields = cls.Config.__dataclass_fields__
-    own = {k: v for k, v in (settings or {}).items() if k in fields}
-    for k, v in own.items():  # 100 and 100.0 are one setting, and so one cache key
-        if isinstance(fields[k].default, float) and isinstance(v, int) and not isinstance(v, bool):
-            own[k] = float(v)
-    return cls(cls.Config(**own))
+    return cls(cls.Config(**{k: v for k, v in (settings or {}).items() if k in fields}))

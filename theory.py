@@ -21,6 +21,10 @@ singular values of X_0, and g = s_r - s_{r+1} its spectral gap. Two facts used t
       (Stewart & Sun 1990, Thm V.4.4, whose gap s_r(Y) - s_{r+1}(X) is at least this by Weyl's inequality).
 We write w(b) for (b) with ||E||_2 = b s_1 on X_0 (w(b) = 1 when vacuous), and beta_l = (1+delta)^l - 1,
 so that X_l = (I + E_l) X_0 with ||E_l||_2 <= beta_l by (a), hence ||P_l - P_0||_2 <= w(beta_l).
+
+Each statement is checked by the function named after it (prop_4_6_single_layer, prop_4_7_whole_network,
+prop_4_9_accumulation, prop_4_9_growth, cor_f5_summed_shift). The same quantities measured on a trained
+transformer are analysis.py's fifth view.
 """
 import argparse
 import math
@@ -28,7 +32,6 @@ import os
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 from model import atomic_write  # the project's one atomic-write helper
 
@@ -136,7 +139,7 @@ def telescoping(net):
     return np.abs(total - (net.Xt[-1] - net.X[-1])).max()
 
 
-def single_layer(net, rho=None):
+def prop_4_6_single_layer(net, rho=None):
     """Proposition 4.6 (one layer: an update on directions the features barely use barely moves them).
     Let X = X_{l-1}, P = P_{l-1}, and measure how much of the update acts on the principal directions of
     its input: rho_l = ||dW_l P||_2 / ||dW_l||_2 (0 when dW_l reads only directions outside P). Then the
@@ -161,7 +164,7 @@ def single_layer(net, rho=None):
     return worst
 
 
-def whole_network(net, delta=None):
+def prop_4_7_whole_network(net, delta=None):
     """Proposition 4.7 (every layer). If every trained layer writes outside the principal subspace of its
     input (P_{m-1} dW_m = 0), then at every layer l
         ||P_l D_l||_F  <=  sum_{m <= l} c_{m,l} ||T_m||_F,   T_m = dW_m X_{m-1},
@@ -194,7 +197,7 @@ def whole_network(net, delta=None):
     return worst
 
 
-def accumulation(net, l=None):
+def prop_4_9_accumulation(net, l=None):
     """Proposition 4.9 and Corollary F.5 (accumulation, with k layers frozen). For the first l layers, with
     a = 1 + delta + eps, b = 1 + delta and c_j = a for a trained layer j, b for a frozen one,
         ||D_l||_F / ||X_0||_F  <=  U_l = sum_{trained m <= l} eps b^(m-1) c_{m+1} ... c_l,
@@ -206,7 +209,7 @@ def accumulation(net, l=None):
     Upper: in the identity ||term_m||_F <= (c_l ... c_{m+1}) eps ||X_{m-1}||_F, ||X_{m-1}||_F <= b^(m-1) ||X_0||_F.
     Lower: X_{m-1} = X_0 + S_m with ||S_m||_F <= (b^(m-1) - 1) ||X_0||_F, so term_m = dW_m X_0 + err_m, and
     the errors sum to at most (U_l - n_l eps) ||X_0||_F, a second-order remainder.
-    How F_l itself grows is the premise of the growth statements (see growth()): n_l eps when every layer's
+    How F_l itself grows is the premise of the growth statements (see prop_4_9_growth()): n_l eps when every layer's
     update points one way (coherent), ~ sqrt(n_l) eps for independent random directions.
     Returns (measured, lower, upper), all relative to ||X_0||_F."""
     cfg = net.cfg
@@ -221,101 +224,18 @@ def accumulation(net, l=None):
     return measured, drive - (upper - len(trained) * eps), upper
 
 
-def summed_shift(net):
+def cor_f5_summed_shift(net):
     """Corollary F.5, asymmetric form: the shift summed over every layer, sum_l ||D_l||_F / ||X_0||_F, since
     every layer above a shifted one reads shifted features. Returns (measured, lower, upper): the sums of
-    accumulation()'s three values over l = 1..L.
+    prop_4_9_accumulation()'s three values over l = 1..L.
     Freezing the bottom k layers removes their shift from every layer above; freezing the top k only from
     those k. With coherent updates of equal size (premise: each trained layer's drive adds
     ||dW X_0||_F ~ eps ||X_0||_F, so F_l ~ n_l eps), the sums are to first order eps (L-k)(L-k+1)/2 for the
     bottom and eps ((L-k)(L-k+1)/2 + k (L-k)) for the top: the upper bound of the first falls below the
     lower bound of the second, and bottom freezing provably leaves less shift. The last layer alone
     cannot tell them apart: there both leave (L - k) layers' worth."""
-    values = np.array([accumulation(net, l) for l in range(1, net.cfg.L + 1)])  # (L, 3)
+    values = np.array([prop_4_9_accumulation(net, l) for l in range(1, net.cfg.L + 1)])  # (L, 3)
     return tuple(values.sum(axis=0))
-
-
-# ----------------------------------------------------------------------------------------------------
-# The same measurements on a real transformer (model.py): residual-stream shift between two checkpoints.
-
-@torch.no_grad()
-def last_token_hidden(model, idx, attention_mask=None, batch_size=256):
-    """Residual stream at the last position (the last prompt token; prompts are left-padded), for
-    hidden[0] = embedding and hidden[l] = after block l: a list of n_layer + 1 tensors (B, d_model), float64."""
-    was_training = model.training
-    model.eval()
-    chunks = []
-    for i in range(0, idx.shape[0], batch_size):
-        mask = None if attention_mask is None else attention_mask[i:i + batch_size]
-        _, _, hidden = model(idx[i:i + batch_size], attention_mask=mask, return_hidden=True)
-        chunks.append([h[:, -1].double() for h in hidden])
-    model.train(was_training)
-    return [torch.cat(layer) for layer in zip(*chunks)]
-
-
-def pc1(H):
-    """First principal component (unit vector) of the rows of H (B, d), after centring."""
-    return torch.linalg.svd(H - H.mean(0), full_matrices=False).Vh[0]
-
-
-def angle_deg(u, v):
-    """Angle between the lines spanned by unit vectors u and v, in [0, 90] degrees. atan2 of sine and
-    cosine stays accurate near 0, where arccos of a rounded cosine would not."""
-    c = u @ v
-    return math.degrees(math.atan2((v - c * u).norm().item(), abs(c.item())))
-
-
-def residual_shift(model_before, model_after, idx, attention_mask=None, batch_size=256):
-    """Per layer l = 0..n_layer, at the last token: shift = mean_i ||h_after_i - h_before_i||,
-    rel_shift = shift / mean_i ||h_before_i||, pc1_angle = angle (degrees) between PC1 before and after."""
-    before = last_token_hidden(model_before, idx, attention_mask, batch_size)
-    after = last_token_hidden(model_after, idx, attention_mask, batch_size)
-    rows = []
-    for l, (hb, ha) in enumerate(zip(before, after)):
-        shift = (ha - hb).norm(dim=1).mean().item()
-        rows.append(dict(layer=l, shift=shift, rel_shift=shift / hb.norm(dim=1).mean().item(),
-                         pc1_angle=angle_deg(pc1(hb), pc1(ha))))
-    return rows
-
-
-def input_side_check(W_before, W_after, X, r, rng):
-    """Proposition 4.6 on one real linear layer: W (out, in) before and after an update, X (in, n) the
-    inputs it read (before the update). Returns rho (how much of the update acts on the inputs' top-r
-    principal directions), the same for r random directions (what an update blind to the features would
-    give), and the statement's measured / bound values."""
-    dW, X = (W_after - W_before).detach().double().cpu().numpy(), X.detach().double().cpu().numpy()
-    P = principal_projector(X, r)
-    Q = orth(rng.standard_normal((X.shape[0], r)))
-    x = np.linalg.norm(X)
-    return dict(rho=spec(dW @ P) / spec(dW), rho_random=spec(dW @ Q @ Q.T) / spec(dW),
-                rho_frobenius=np.linalg.norm(dW @ P) / np.linalg.norm(dW),  # the same, energy-wise
-                measured=np.linalg.norm(dW @ X) / (spec(dW) * x),
-                bound=spec(dW @ P) / spec(dW) + np.linalg.norm(X - P @ X) / x)
-
-
-@torch.no_grad()
-def module_outputs(model, module, idx, attention_mask):
-    """What `module` (a part of model) outputs on these prompts, at every real token: (width, n). In a
-    pre-norm block, a norm's output is the input of the linear layers after it (attn_norm feeds q, k and v;
-    mlp_norm feeds the MLP's first layer)."""
-    seen = []
-    handle = module.register_forward_hook(lambda mod, args, out: seen.append(out))
-    try:
-        model(idx, attention_mask=attention_mask)
-    finally:
-        handle.remove()
-    x = seen[0]                                                   # (B, T, width)
-    real = attention_mask.bool() if attention_mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
-    return x[real].T                                              # (width, n)
-
-
-def shift_subspace_share(h_before, h_after, r):
-    """Proposition 4.7 on real features (rows = samples): the share of the shift D = h_after - h_before
-    inside the top-r principal subspace of h_before, ||D P||_F / ||D||_F, and what a random r-dimensional
-    subspace would hold, sqrt(r / d)."""
-    H, D = h_before.double().cpu().numpy().T, (h_after - h_before).double().cpu().numpy().T  # (d, n)
-    share = np.linalg.norm(principal_projector(H, r) @ D) / np.linalg.norm(D)
-    return share, math.sqrt(r / H.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,25 +255,25 @@ def setting(cfg):
     return f"d={cfg.d} L={cfg.L} delta={cfg.delta:g} eps={cfg.eps:g} k={cfg.k}"
 
 
-def growth(net):
+def prop_4_9_growth(net):
     """shift(L) / shift(L/2) for an unfrozen net. Proposition 4.9's two cases, to first order in (delta, eps):
     coherent updates (one direction in every layer, the drive F_l = l ||dW X_0||_F / ||X_0||_F) give 2: linear
     growth, true by construction once the directions agree; independent random directions (zero mean,
     independent across layers, E||sum_m dW_m X_0||^2 = sum_m E||dW_m X_0||^2) give sqrt(2): a random walk."""
-    return accumulation(net)[0] / accumulation(net, net.cfg.L // 2)[0]
+    return prop_4_9_accumulation(net)[0] / prop_4_9_accumulation(net, net.cfg.L // 2)[0]
 
 
-def independent_growth(cfg, draws=8):
-    """growth() with independent update directions, averaged over `draws` seeds: the statement is about the
+def prop_4_9_independent_growth(cfg, draws=8):
+    """prop_4_9_growth() with independent update directions, averaged over `draws` seeds: the statement is about the
     expectation, and one draw of 16 random directions can land 15% from it."""
-    return float(np.mean([growth(make_net(replace(cfg, update="independent", seed=cfg.seed + i))) for i in range(draws)]))
+    return float(np.mean([prop_4_9_growth(make_net(replace(cfg, update="independent", seed=cfg.seed + i))) for i in range(draws)]))
 
 
 def check_rows(cfg):
     """Rows (statement, setting, measured, relation, bound) for every statement on one configuration."""
     net, where = make_net(cfg), setting(cfg)
-    (m6, b6) = single_layer(make_net(replace(cfg, update="input-orthogonal")))
-    (m7, b7), (measured, lower, upper) = whole_network(net), accumulation(net)
+    (m6, b6) = prop_4_6_single_layer(make_net(replace(cfg, update="input-orthogonal")))
+    (m7, b7), (measured, lower, upper) = prop_4_7_whole_network(net), prop_4_9_accumulation(net)
     acc = "F.5" if cfg.k else "4.9"
     rows = [("identity, max |error|", where, telescoping(net), "<=", 1e-10),
             ("4.6 feature move", where, m6, "<=", b6),
@@ -361,11 +281,11 @@ def check_rows(cfg):
             (f"{acc} shift, upper", where, measured, "<=", upper),
             (f"{acc} shift, lower", where, measured, ">=", lower)]
     if not cfg.k:
-        rows.append(("4.9 coherent s(L)/s(L/2)", where, growth(net), "~=", 2.0))
+        rows.append(("4.9 coherent s(L)/s(L/2)", where, prop_4_9_growth(net), "~=", 2.0))
         if cfg.L >= 8:  # a random walk needs a few steps, and a few draws, to average
-            rows.append(("4.9 indep. s(L)/s(L/2), 8 draws", where, independent_growth(cfg), "~=", math.sqrt(2)))
+            rows.append(("4.9 indep. s(L)/s(L/2), 8 draws", where, prop_4_9_independent_growth(cfg), "~=", math.sqrt(2)))
     else:
-        bottom, top = summed_shift(net), summed_shift(make_net(replace(cfg, frozen="top")))
+        bottom, top = cor_f5_summed_shift(net), cor_f5_summed_shift(make_net(replace(cfg, frozen="top")))
         rows += [("F.5 sum_l shift, bottom", where, bottom[0], "<=", bottom[2]),
                  ("F.5 sum_l shift, top", where, top[0], ">=", top[1]),
                  ("F.5 bottom upper < top lower", where, bottom[2], "<", top[1])]
@@ -379,13 +299,13 @@ def control_rows():
     independent = TheoryConfig(L=16, delta=0.005)
     coherent = make_net(TheoryConfig(L=16, delta=0.005))
     bottom, top = (make_net(TheoryConfig(L=16, delta=0.005, k=4, frozen=f)) for f in ("bottom", "top"))
-    (m6, b6), (m7, b7), (mb, bb) = single_layer(aligned, rho=0.0), whole_network(aligned), whole_network(big, delta=0.01)
+    (m6, b6), (m7, b7), (mb, bb) = prop_4_6_single_layer(aligned, rho=0.0), prop_4_7_whole_network(aligned), prop_4_7_whole_network(big, delta=0.01)
     return [("4.6 ctrl: reads P_{l-1}", "premise claims rho=0; dW reads principal", m6, "<=", b6),
             ("4.7 ctrl: aligned dW", "dW writes inside P_{l-1}", m7, "<=", b7),
             ("4.7 ctrl: large delta", "||W_l||=1, bound assumes 0.01", mb, "<=", bb),
-            ("4.9 ctrl: coherent, indep.", "independent dW per layer, L=16", independent_growth(independent), "~=", 2.0),
-            ("4.9 ctrl: indep., coherent", "one dW direction, L=16", growth(coherent), "~=", math.sqrt(2)),
-            ("F.5 ctrl: last layer only", "s_L(bottom 4) / s_L(top 4), L=16", accumulation(bottom)[0] / accumulation(top)[0],
+            ("4.9 ctrl: coherent, indep.", "independent dW per layer, L=16", prop_4_9_independent_growth(independent), "~=", 2.0),
+            ("4.9 ctrl: indep., coherent", "one dW direction, L=16", prop_4_9_growth(coherent), "~=", math.sqrt(2)),
+            ("F.5 ctrl: last layer only", "s_L(bottom 4) / s_L(top 4), L=16", prop_4_9_accumulation(bottom)[0] / prop_4_9_accumulation(top)[0],
              "<", 0.9)]
 
 
@@ -396,7 +316,7 @@ def vacuity_rows(deltas=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), L=8):
     rows = []
     for delta in deltas:
         net = make_net(TheoryConfig(L=L, delta=delta))
-        (m7, b7), (measured, lower, upper) = whole_network(net), accumulation(net)
+        (m7, b7), (measured, lower, upper) = prop_4_7_whole_network(net), prop_4_9_accumulation(net)
         rows.append(dict(delta=delta, share=m7, share_bound=b7, shift=measured, upper_over_measured=upper / measured,
                          lower=lower))
     return rows
@@ -434,10 +354,10 @@ def plot(out_dir):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for update in ("orthogonal", "independent"):
         net = make_net(replace(cfg, update=update))
-        ax.plot(depth, [accumulation(net, l)[0] for l in depth], "o-", label=f"measured ({update} dW)")
+        ax.plot(depth, [prop_4_9_accumulation(net, l)[0] for l in depth], "o-", label=f"measured ({update} dW)")
     net = make_net(cfg)
-    ax.plot(depth, [accumulation(net, l)[2] for l in depth], "k--", label="upper bound U_l")
-    ax.plot(depth, [accumulation(net, l)[1] for l in depth], "k:", label="lower bound (orthogonal dW)")
+    ax.plot(depth, [prop_4_9_accumulation(net, l)[2] for l in depth], "k--", label="upper bound U_l")
+    ax.plot(depth, [prop_4_9_accumulation(net, l)[1] for l in depth], "k:", label="lower bound (orthogonal dW)")
     ax.set(xlabel="depth l", ylabel=r"$\|\tilde X_l - X_l\|_F \,/\, \|X_0\|_F$",
            title="Prop. 4.9: the shift accumulates with depth")
     ax.legend()
@@ -446,7 +366,7 @@ def plot(out_dir):
     plt.close(fig)
     frozen = range(cfg.L)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    results = [accumulation(make_net(replace(cfg, k=k))) for k in frozen]
+    results = [prop_4_9_accumulation(make_net(replace(cfg, k=k))) for k in frozen]
     ax.plot(frozen, [m for m, _, _ in results], "o-", label="measured")
     ax.plot(frozen, [u for _, _, u in results], "k--", label="upper bound")
     ax.plot(frozen, [lo for _, lo, _ in results], "k:", label="lower bound")
@@ -458,10 +378,17 @@ def plot(out_dir):
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, without the usage
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--plot", metavar="DIR", help="also save shift_vs_depth.png and shift_vs_frozen.png here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.plot and os.path.exists(args.plot) and not os.path.isdir(args.plot):
+        parser.error(f"--plot {args.plot}: expected a directory, not a file")
     rows = [row for cfg in SWEEP for row in check_rows(cfg)] + control_rows()
     print(f"{'statement':<29} {'setting':<36} {'measured':>9}  {'bound':<12} {'tightness':>9}  holds")
     for statement, where, measured, relation, bound in rows:
@@ -475,7 +402,10 @@ def main():
         print(f"{r['delta']:>6g} {r['share']:>10.3g} {r['share_bound']:>10.3g} {r['shift']:>10.3g}"
               f" {r['upper_over_measured']:>12.3g} {r['lower']:>10.3g}")
     if args.plot:
-        plot(args.plot)
+        try:
+            plot(args.plot)
+        except OSError as e:
+            parser.exit(1, f"{parser.prog}: error: --plot {args.plot}: {e.strerror}\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 import data
+import train
 from data import ATTRIBUTES, ENTRIES_PER_PERSON, POOL_DIR, POOL_SIZES
+
+
+TINY = train.data_config(train.preset_config("tiny"))  # the presets' one table is train.PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +23,7 @@ def pools():
 
 @pytest.fixture(scope="module")
 def tiny(pools):
-    return data.build_dataset(data.get_preset("tiny"), pools=pools)
+    return data.build_dataset(TINY, pools=pools)
 
 
 @pytest.fixture
@@ -75,7 +79,7 @@ def test_company_city_is_a_function_of_the_company(pools, tiny):
     assert headquarters["Walmart"] == "Bentonville, AR"
     for person in tiny.people:
         assert person.company_city == headquarters[person.company_name]
-    big = data.build_dataset(data.get_preset("cpu"), tokenizer=tiny.tokenizer, pools=pools)
+    big = data.build_dataset(data.DataConfig(), tokenizer=tiny.tokenizer, pools=pools)  # the cpu preset
     seen = {}
     for person in big.people:
         assert seen.setdefault(person.company_name, person.company_city) == person.company_city
@@ -132,6 +136,15 @@ def test_splits(tiny):
     assert set().union(*tasks, s["pretrain"]) == set(range(len(tiny.people)))
 
 
+@pytest.mark.parametrize("n_people", [50, 51])
+def test_task0_halves_split_the_pretraining_people(pools, n_people):
+    bio = data.build_dataset(dataclasses.replace(TINY, n_people=n_people), pools=pools)
+    pretrain, learn, held = (bio.splits[s].tolist() for s in ("pretrain", "task0_train", "task0_test"))
+    assert len(set(learn)) == len(learn) == n_people // 2 and len(set(held)) == len(held)  # halves, no repeats
+    assert set(learn) <= set(pretrain) and set(held) <= set(pretrain)  # Task 0 asks about people pretraining showed
+    assert not set(learn) & set(held) and set(learn) | set(held) == set(pretrain)  # ... all of them, each once
+
+
 def test_task_people_never_in_pretraining_text(tiny):
     text = "\n".join(tiny.bio_entries(tiny.splits["pretrain"]))
     for k in range(1, tiny.config.n_tasks + 1):
@@ -142,7 +155,7 @@ def test_task_people_never_in_pretraining_text(tiny):
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        data.write_dataset(data.build_dataset(data.get_preset("tiny", seed=seed)), tmp_path / name)
+        data.write_dataset(data.build_dataset(dataclasses.replace(TINY, seed=seed)), tmp_path / name)
     assert folder_hash(tmp_path / "a") == folder_hash(tmp_path / "b")
     assert folder_hash(tmp_path / "a") != folder_hash(tmp_path / "c")
     assert {p.name for p in (tmp_path / "a").iterdir()} == {
@@ -157,8 +170,8 @@ def test_same_seed_same_arrays(tiny, pools):
         h = hashlib.sha256(np.concatenate(d.bio_token_ids(ids)).tobytes())
         h.update(data.qa_arrays(d, ids, d.tokenizer).tokens.tobytes())
         return h.hexdigest()
-    again = data.build_dataset(data.get_preset("tiny"), pools=pools)
-    other = data.build_dataset(data.get_preset("tiny", seed=1), pools=pools)
+    again = data.build_dataset(TINY, pools=pools)
+    other = data.build_dataset(dataclasses.replace(TINY, seed=1), pools=pools)
     assert digest(tiny) == digest(again) != digest(other)
 
 
@@ -285,35 +298,32 @@ def test_bad_pool_sizes_and_missing_files(pool_copy):
 
 
 def test_bad_config():
-    with pytest.raises(ValueError, match="unknown preset 'huge'; valid presets: tiny, cpu, deep, paper"):
-        data.get_preset("huge")
-    with pytest.raises(ValueError, match="n_peeple"):
-        data.get_preset("tiny", n_peeple=5)
     for field, value in (("n_people", 1), ("n_tasks", -1), ("task_size", 0), ("seed", 1.5),
                          ("name_pools", (5, 5)), ("name_pools", (0, 5, 5)), ("name_pools", (401, 5, 5))):
         with pytest.raises(ValueError, match=f"DataConfig.{field}"):
-            data.get_preset("tiny", **{field: value})
+            dataclasses.replace(TINY, **{field: value})
     with pytest.raises(ValueError, match="name triples"):
         data.DataConfig(n_people=160_000_002, task_size=1, n_tasks=0)
     with pytest.raises(ValueError, match="name triples"):
-        data.get_preset("tiny", name_pools=(4, 4, 4))
+        dataclasses.replace(TINY, name_pools=(4, 4, 4))
 
 
 def test_cli(capsys, tmp_path, pool_copy):
-    assert data.main(["--preset", "tiny", "--show", "2", "--out", str(tmp_path / "out")]) == 0
+    tiny_flags = ["--n-people", "50", "--task-size", "25", "--n-tasks", "2", "--name-pools", "5,5,5"]
+    assert data.main([*tiny_flags, "--show", "2", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "split sizes: pretrain 50, task0_train 25, task0_test 25, task1 25, task2 25" in out
     assert "first  names: 20-20 people each" in out
-    assert data.main(["--preset", "cpu", "--name-pools", "400,400,1000"]) == 0  # the paper's pools, 700 people
+    assert data.main(["--name-pools", "400,400,1000"]) == 0  # the paper's pools, 700 people
     assert "last   names: 1-1 people each; unique to one pretraining person: 100%" in capsys.readouterr().out
     assert out.count("bio 5:") == 2 and out.count("QA:") == 12
     assert (tmp_path / "out" / "qa.jsonl").read_text().count("\n") == 100 * 6
     edit_line(pool_copy / "majors.txt", 3, "")
-    assert data.main(["--preset", "tiny", "--pools", str(pool_copy)]) == 2
+    assert data.main([*tiny_flags, "--pools", str(pool_copy)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "majors.txt:3: empty line" in err
     with pytest.raises(SystemExit) as exc:
-        data.main(["--preset", "huge"])
+        data.main(["--n-people", "many"])
     assert exc.value.code == 2
 
 
@@ -338,7 +348,7 @@ def test_small_presets_share_every_name_as_at_the_paper_scale(preset):
     """Every first, middle and last name is used by >= 20 people, none is one pretraining person's own,
     and every name of a new-task person was seen in pretraining (with BPE at 100K people, every name
     piece is shared by ~100-250 people)."""
-    bio = data.build_dataset(data.PRESETS[preset])
+    bio = data.build_dataset(train.data_config(train.preset_config(preset)))
     for kind, stats in data.name_sharing(bio).items():
         assert stats["min_people"] >= 20, (kind, stats)
         assert stats["pretrain_unique"] == 0.0
@@ -349,7 +359,7 @@ def test_small_presets_share_every_name_as_at_the_paper_scale(preset):
 def test_full_pools_measure_the_problem_the_scaled_pools_fix():
     """The control: the cpu population with the paper's full pools gives most pretraining people a
     last name of their own, and many Task-1 people a name never pretrained."""
-    bio = data.build_dataset(dataclasses.replace(data.PRESETS["cpu"], name_pools=(400, 400, 1000)))
+    bio = data.build_dataset(data.DataConfig(name_pools=(400, 400, 1000)))  # the cpu population
     sharing = data.name_sharing(bio)
     assert sharing["last"]["pretrain_unique"] > 0.5 and sharing["last"]["task1_unseen"] > 0.5
 

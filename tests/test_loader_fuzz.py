@@ -1,6 +1,7 @@
 """Damaged checkpoints: random mutations of a valid one (file bytes, safetensors header fields, config.json
-fields, the shard index) must give a one-line ValueError or FileNotFoundError naming the file, fast, and
-never load a model that disagrees with its files."""
+fields, the shard index) must give a one-line ValueError or FileNotFoundError naming the file, and never
+load a model that disagrees with its files. (How fast: the slow test below, as wall-clock limits flake
+on a loaded machine.)"""
 import json
 import os
 import random
@@ -140,7 +141,8 @@ def agrees_with_files(model, ckpt):
     return logits.shape == (1, 1, model.cfg.vocab_size)
 
 
-def check_mutations(checkpoints, tmp_path, count, seed):
+def check_mutations(checkpoints, tmp_path, count, seed, seconds=None):
+    """Load `count` damaged copies; with `seconds`, each load must also end (refused or loaded) within it."""
     rng = random.Random(seed)
     outcomes = {"refused": 0, "loaded": 0}
     for i in range(count):
@@ -150,14 +152,14 @@ def check_mutations(checkpoints, tmp_path, count, seed):
         what = mutate(str(ckpt), rng)
         start = time.time()
         try:
-            model = Transformer.from_pretrained(str(ckpt))
+            model, message = Transformer.from_pretrained(str(ckpt)), None
         except (ValueError, FileNotFoundError) as e:
-            assert time.time() - start < 1.0, what
-            message = str(e)
+            model, message = None, str(e)
+        assert seconds is None or time.time() - start < seconds, what
+        if model is None:
             assert "\n" not in message and str(ckpt) in message, (what, message)
             outcomes["refused"] += 1
         else:
-            assert time.time() - start < 1.0, what
             assert agrees_with_files(model, str(ckpt)), what
             outcomes["loaded"] += 1
         shutil.rmtree(ckpt)
@@ -171,19 +173,21 @@ def test_random_mutations_give_one_line_errors(checkpoints, tmp_path):
 
 @pytest.mark.slow
 def test_a_thousand_mutations(checkpoints, tmp_path):
-    outcomes = check_mutations(checkpoints, tmp_path, count=1000, seed=1)
+    outcomes = check_mutations(checkpoints, tmp_path, count=1000, seed=1, seconds=1.0)
     print(outcomes)
 
 
 @pytest.mark.parametrize("field,value", [("num_hidden_layers", 10**9), ("hidden_size", 2**40), ("vocab_size", 0),
                                          ("intermediate_size", -3), ("num_hidden_layers", 3)])
-def test_absurd_sizes_are_refused_before_allocating(checkpoints, tmp_path, field, value):
+def test_absurd_sizes_are_refused_before_allocating(checkpoints, tmp_path, monkeypatch, field, value):
     ckpt = tmp_path / "c"
     shutil.copytree(checkpoints / "single", ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     config[field] = value
     (ckpt / "config.json").write_text(json.dumps(config))
-    start = time.time()
+
+    def build(self, cfg):
+        raise AssertionError(f"built a model of {cfg} before refusing the config")
+    monkeypatch.setattr(Transformer, "__init__", build)  # refused from config.json and the headers alone
     with pytest.raises(ValueError, match=str(ckpt / "config.json")):
         Transformer.from_pretrained(str(ckpt))
-    assert time.time() - start < 1.0

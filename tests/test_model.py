@@ -1,4 +1,5 @@
 """model.py: parity with `transformers`, KV-cache generation, checkpoint round trips, bad input."""
+import dataclasses
 import json
 import os
 import shutil
@@ -6,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+import model as model_py
 from model import ModelConfig, Transformer, config_from_hf, read_safetensors, write_safetensors
 
 torch.set_num_threads(1)
@@ -20,17 +22,32 @@ def read_json(path):
         return json.load(f)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2"])
-def test_fixture_parity(family):
-    path = os.path.join(FIXTURES, family)
-    expected = read_json(os.path.join(path, "expected_logits.json"))
-    model = Transformer.from_pretrained(path).eval()
-    assert model.cfg.model_type == family
+FIXTURE_FAMILY = {"llama": "llama", "gpt_neox": "gpt_neox", "gpt2": "gpt2", "gpt_neox_hd32": "gpt_neox"}
+
+
+def max_gap(model, idx, want):
+    """Largest |logit difference| between our model on idx and the reference logits."""
     with torch.no_grad():
-        logits, _ = model(torch.tensor(expected["input_ids"]))
-    want = torch.tensor(expected["logits"])
+        return (model.eval()(idx)[0] - want).abs().max().item()
+
+
+def fixture(name):
+    expected = read_json(os.path.join(FIXTURES, name, "expected_logits.json"))
+    return os.path.join(FIXTURES, name), torch.tensor(expected["input_ids"]), torch.tensor(expected["logits"])
+
+
+@pytest.mark.parametrize("name", list(FIXTURE_FAMILY))
+def test_fixture_parity(name):
+    path, idx, want = fixture(name)
+    model = Transformer.from_pretrained(path)
+    assert model.cfg.model_type == FIXTURE_FAMILY[name]
     assert want.abs().max() > 1.0  # weights at std 0.2: a wrong layout cannot hide in the noise
-    assert (logits - want).abs().max() <= 1e-4
+    assert max_gap(model, idx, want) <= 1e-4
+
+
+def test_hd32_fixture_has_the_cpu_presets_head_shape():
+    cfg = Transformer.from_pretrained(fixture("gpt_neox_hd32")[0]).cfg
+    assert (cfg.head_dim, cfg.rotary_dim, cfg.rope_theta) == (32, 8, 5000.0)
 
 # ------------------------------------------------------------------------------------------------
 # Parity, live against transformers (a test-only dependency, requirements-dev.txt).
@@ -43,6 +60,9 @@ HF_CASES = {
                                                 attention_bias=True, mlp_bias=True)),
     "neox-rot0.25-parallel": ("GPTNeoXConfig", dict(TINY, rotary_pct=0.25, use_parallel_residual=True)),
     "neox-rot1.0-sequential": ("GPTNeoXConfig", dict(TINY, rotary_pct=1.0, use_parallel_residual=False)),
+    # The cpu preset's head shape: head_dim 32, 8 of its dims rotating, at a base other than the default.
+    "neox-hd32-rot0.25-base5000": ("GPTNeoXConfig", dict(TINY, hidden_size=64, num_attention_heads=2,
+                                                         rotary_pct=0.25, rotary_emb_base=5000.0)),
     "gpt2": ("GPT2Config", dict(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
 }
 
@@ -104,6 +124,105 @@ def test_config_reads_both_spellings():
     assert config_from_hf(v4).rotary_pct == 0.5 and config_from_hf(v4).rope_theta == 500.0
 
 # ------------------------------------------------------------------------------------------------
+# Negative controls: the parity checks above have teeth. Each loads the same checkpoint into a model
+# that is wrong in one known way (patched here, in the test) and must miss the reference by > 1e-2,
+# while the unpatched model, on the same checkpoint and tokens, meets it to 1e-4.
+
+
+def interleaved_rotary(x, cos, sin):
+    """The other RoPE layout (GPT-J, Meta's original code): rotate dim pairs (0, 1), (2, 3), ... where HF
+    pairs dim i with i + r/2. Frequency j then drives pair j, so the tables are re-laid out to match."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    cos, sin = (t[..., :r // 2].repeat_interleave(2, dim=-1) for t in (cos, sin))
+    rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+def q_and_k_swapped(split):
+    """The loader's split of HF tensors (model.split_hf), handing a fused q, k, v back as k, q, v."""
+    def wrong(t, layout, cfg, parts):
+        out = split(t, layout, cfg, parts)
+        return (out[1], out[0], out[2]) if parts == 3 else out
+    return wrong
+
+
+def conv1d_not_transposed(split):
+    """The loader's split taking Conv1D's (in, out) matrices as (out, in) without the transpose: a reshape
+    to the shape the model wants, which on a square matrix (attention's c_proj) is exactly a missing .t()."""
+    def wrong(t, layout, cfg, parts):
+        if layout == "conv1d" and t.dim() == 2:
+            t = t.reshape(t.shape[1], t.shape[0]).t()  # split_hf transposes: the net effect is no transpose
+        return split(t, layout, cfg, parts)
+    return wrong
+
+
+def with_config(**changes):
+    """A load that gets the config wrong: the checkpoint's weights in a model built with `changes`."""
+    def load(monkeypatch, path):
+        right = Transformer.from_pretrained(path)
+        wrong = Transformer(dataclasses.replace(right.cfg, **changes))
+        wrong.load_state_dict(right.state_dict())
+        return wrong
+    return load
+
+
+def with_patch(patch):
+    def load(monkeypatch, path):
+        patch(monkeypatch)
+        return Transformer.from_pretrained(path)
+    return load
+
+
+WRONG_MODELS = {
+    "interleaved rotary": with_patch(lambda mp: mp.setattr(model_py, "apply_rotary", interleaved_rotary)),
+    "q and k swapped": with_patch(lambda mp: mp.setattr(model_py, "split_hf", q_and_k_swapped(model_py.split_hf))),
+    "Conv1D not transposed": with_patch(lambda mp: mp.setattr(model_py, "split_hf",
+                                                              conv1d_not_transposed(model_py.split_hf))),
+    "rotary fraction 0.5": with_config(rotary_pct=0.5),
+    "rotary fraction 1.0": with_config(rotary_pct=1.0),
+    "default rotary base": with_config(rope_theta=10000.0),
+}
+LIVE_CONTROLS = [("interleaved rotary", "llama-gqa-untied"), ("interleaved rotary", "neox-hd32-rot0.25-base5000"),
+                 ("q and k swapped", "neox-hd32-rot0.25-base5000"), ("q and k swapped", "gpt2"),
+                 ("Conv1D not transposed", "gpt2"), ("rotary fraction 0.5", "llama-gqa-untied"),
+                 ("rotary fraction 1.0", "neox-hd32-rot0.25-base5000"),
+                 ("default rotary base", "neox-hd32-rot0.25-base5000")]
+FIXTURE_CONTROLS = [("interleaved rotary", "llama"), ("interleaved rotary", "gpt_neox_hd32"),
+                    ("q and k swapped", "gpt_neox_hd32"), ("q and k swapped", "gpt2"), ("Conv1D not transposed", "gpt2"),
+                    ("rotary fraction 1.0", "gpt_neox_hd32"), ("default rotary base", "gpt_neox_hd32")]
+
+
+def hf_reference(transformers, case, path):
+    """Save a random HF model of `case` to path; its logits on a fixed batch."""
+    hf = random_hf_model(transformers, case)
+    idx = torch.randint(0, 97, (3, 21), generator=torch.Generator().manual_seed(2))
+    hf.save_pretrained(path)
+    with torch.no_grad():
+        return idx, hf(idx).logits
+
+
+@pytest.mark.parametrize("wrong,case", LIVE_CONTROLS)
+def test_hf_parity_fails_for_a_wrong_model(transformers, wrong, case, tmp_path, monkeypatch):
+    idx, want = hf_reference(transformers, case, tmp_path)
+    assert max_gap(Transformer.from_pretrained(tmp_path), idx, want) <= 1e-4
+    assert max_gap(WRONG_MODELS[wrong](monkeypatch, tmp_path), idx, want) > 1e-2
+
+
+@pytest.mark.parametrize("wrong,name", FIXTURE_CONTROLS)
+def test_fixture_parity_fails_for_a_wrong_model(wrong, name, monkeypatch):
+    path, idx, want = fixture(name)
+    assert max_gap(Transformer.from_pretrained(path), idx, want) <= 1e-4
+    assert max_gap(WRONG_MODELS[wrong](monkeypatch, path), idx, want) > 1e-2
+
+
+def test_two_rotating_dims_cannot_tell_the_rotary_layouts_apart(transformers, tmp_path, monkeypatch):
+    """Why the head_dim-32 case exists: where only 2 dims rotate (head_dim 8 at rotary 0.25), rotate-half
+    and interleaved are one rotation, and a wrong layout passes."""
+    idx, want = hf_reference(transformers, "neox-rot0.25-parallel", tmp_path)
+    assert max_gap(WRONG_MODELS["interleaved rotary"](monkeypatch, tmp_path), idx, want) <= 1e-4
+
+# ------------------------------------------------------------------------------------------------
 # Generation
 
 
@@ -147,6 +266,31 @@ def test_generation_stops_at_eos():
     first = model.generate([[3, 4, 5]], max_new_tokens=5)[0]
     eos_id = first[2]  # make the third token the EOS: decoding must stop right there
     assert model.generate([[3, 4, 5]], max_new_tokens=5, eos_id=eos_id)[0] == first[:first.index(eos_id) + 1]
+
+
+def test_top_k_sampling_stays_in_the_top_k_and_repeats_for_a_seed():
+    torch.manual_seed(0)  # the default init: flat next-token distributions, where sampling has room to go wrong
+    model = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=4, d_model=32, d_ff=64, max_seq_len=64)).eval()
+    prompts, k, steps = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]], 3, 10
+
+    def sample(seed, top_k=k):
+        return model.generate(prompts, max_new_tokens=steps, top_k=top_k, generator=torch.Generator().manual_seed(seed))
+
+    got = sample(0)
+    assert got == sample(0) and got != sample(1)
+    assert sample(0, top_k=1) == model.generate(prompts, max_new_tokens=steps)  # top 1 is greedy
+    not_argmax, mass_outside = 0, []
+    for prompt, new in zip(prompts, got):
+        assert len(new) == steps
+        for t, token in enumerate(new):
+            with torch.no_grad():  # the model's own logits at this step, uncached and unpadded
+                logits = model(torch.tensor([prompt + new[:t]]))[0][0, -1]
+            top = logits.topk(k)
+            assert logits[token] >= top.values[-1] - 1e-4, (prompt, t)  # 1e-4: the cache's rounding, not a k+1-th token
+            not_argmax += token != top.indices[0].item()
+            mass_outside.append(1 - logits.softmax(-1)[top.indices].sum().item())
+    assert not_argmax > 0             # it samples, not only the argmax
+    assert min(mass_outside) > 0.5    # sampling from all 50 tokens would leave the top 3 at most of the 30 steps
 
 
 def test_last_only_logits():

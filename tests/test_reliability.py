@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import runs
 import train
 from model import read_safetensors
 
@@ -38,19 +39,19 @@ def reference(tmp_path_factory):
 
 def test_a_state_directory_without_latest_json_is_no_state(tmp_path, reference, monkeypatch):
     """A kill after state/ was made but before its first latest.json: --resume starts the stage afresh."""
-    real_write_json = train.write_json
+    real_write_json = runs.write_json
 
     def die_at_latest(path, obj):
         if path.endswith("latest.json") and "/task0-" in path:
             raise KeyboardInterrupt
         real_write_json(path, obj)
 
-    monkeypatch.setattr(train, "write_json", die_at_latest)
+    monkeypatch.setattr(runs, "write_json", die_at_latest)
     with pytest.raises(KeyboardInterrupt):
         train.main(argv(tmp_path, "--stage", "task0"))
     (state,) = glob.glob(f"{tmp_path}/tiny/task0-*/state")
     assert not os.path.exists(os.path.join(state, "latest.json"))
-    monkeypatch.setattr(train, "write_json", real_write_json)
+    monkeypatch.setattr(runs, "write_json", real_write_json)
     train.main(argv(tmp_path, "--stage", "task0", "--resume"))
     assert same(final_weights(tmp_path, "task0"), final_weights(reference, "task0"))
 
@@ -62,7 +63,7 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, capsys):
     try:
         lock.write_text(str(holder.pid))
         with pytest.raises(SystemExit) as exit_info:
-            train.cli(argv(tmp_path, "--stage", "pretrain"))
+            runs.cli(train.main, argv(tmp_path, "--stage", "pretrain"))
         message = str(exit_info.value.code)
         assert f"pid {holder.pid}" in message and str(lock) in message and "\n" not in message
         assert lock.read_text() == str(holder.pid)  # the holder's lock is left alone
@@ -70,12 +71,12 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, capsys):
         holder.kill()
         holder.wait()
     # Now the holder is dead: its lock is stale, taken over, and released at the end.
-    train.cli(argv(tmp_path, "--stage", "pretrain"))
+    runs.cli(train.main, argv(tmp_path, "--stage", "pretrain"))
     assert not lock.exists()
 
 
 def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, reference, monkeypatch):
-    real, calls = train.write_safetensors, []
+    real, calls = runs.write_safetensors, []
 
     def fill_disk(path, tensors, metadata=None):
         calls.append(path)
@@ -83,13 +84,13 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, reference, monkey
             raise OSError(errno.ENOSPC, "No space left on device", path)
         real(path, tensors, metadata)
 
-    monkeypatch.setattr(train, "write_safetensors", fill_disk)
+    monkeypatch.setattr(runs, "write_safetensors", fill_disk)
     with pytest.raises(SystemExit) as exit_info:
-        train.cli(argv(tmp_path, "--stage", "task0"))
+        runs.cli(train.main, argv(tmp_path, "--stage", "task0"))
     message = str(exit_info.value.code)
     assert "No space left on device" in message and calls[2] in message and "\n" not in message
     assert not glob.glob(f"{tmp_path}/tiny/*/state/*/.*.tmp")  # no half-written file left behind
-    monkeypatch.setattr(train, "write_safetensors", real)
+    monkeypatch.setattr(runs, "write_safetensors", real)
     train.main(argv(tmp_path, "--stage", "task0", "--resume"))
     assert same(final_weights(tmp_path, "task0"), final_weights(reference, "task0"))
 
@@ -100,7 +101,7 @@ def test_a_read_only_runs_directory_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.os, "makedirs", read_only)
     with pytest.raises(SystemExit) as exit_info:
-        train.cli(argv(tmp_path, "--stage", "pretrain"))
+        runs.cli(train.main, argv(tmp_path, "--stage", "pretrain"))
     assert str(exit_info.value.code).startswith(f"error: {tmp_path / 'tiny'}: Read-only file system")
 
 
@@ -108,9 +109,9 @@ def test_a_config_built_in_python_has_the_cache_key_of_the_same_flags():
     from_flags = train.parse_args(["--ft-lr", "1", "--checkpoint-steps", "20,10,50,100,150,200,10"])[0]
     in_python = train.TrainConfig(ft_lr=1, checkpoint_steps="10,20,50,100,150,200")
     for stage in ("pretrain", "task0", "task1", "recover"):
-        assert train.stage_dir(in_python, stage) == train.stage_dir(from_flags, stage)
+        assert runs.stage_dir(in_python, stage) == runs.stage_dir(from_flags, stage)
     ewc = dataclasses.replace(in_python, strategy="ewc", strategy_args={"ewc_lambda": 100})
-    assert train.stage_dir(ewc, "task1") == train.stage_dir(dataclasses.replace(ewc, strategy_args={"ewc_lambda": 100.0}), "task1")
+    assert runs.stage_dir(ewc, "task1") == runs.stage_dir(dataclasses.replace(ewc, strategy_args={"ewc_lambda": 100.0}), "task1")
     with pytest.raises(ValueError, match="--checkpoint-steps"):
         train.TrainConfig(checkpoint_steps="10,x")
 

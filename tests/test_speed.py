@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import runs
 import train
 from model import ModelConfig, Transformer
 from strategies import STRATEGIES
@@ -30,7 +31,7 @@ def test_meter_counts_each_row_to_its_last_loss_position():
     model = Transformer(ModelConfig(vocab_size=100, n_layer=1, n_head=2, d_model=16, d_ff=32, max_seq_len=16))
     mask = torch.zeros(3, 10, dtype=torch.bool)
     mask[0, 4:6], mask[1, 7:10], mask[2, 2] = True, True, True  # rows end at 6, 10 and 3 tokens; 6 loss positions
-    meter = train.Meter()
+    meter = runs.Meter()
     meter.count(model, torch.zeros(3, 10, dtype=torch.long), mask)
     body = {n: model.flops_per_token(seq_len=n)[0] for n in (3, 6, 10)}  # a row of n tokens attends over n
     head = model.flops_per_token(seq_len=10)[1]
@@ -42,8 +43,8 @@ def test_meter_counts_each_row_to_its_last_loss_position():
 
 def test_meter_waits_for_a_gpu_only_when_the_kind_of_work_changes(monkeypatch):
     waits = []
-    monkeypatch.setattr(train, "sync", lambda: (waits.append(1), time.sleep(0.05)))  # a GPU with 50 ms queued
-    meter = train.Meter()
+    monkeypatch.setattr(runs, "sync", lambda: (waits.append(1), time.sleep(0.05)))  # a GPU with 50 ms queued
+    meter = runs.Meter()
     for _ in range(3):
         with meter.time("train"):
             pass
@@ -76,7 +77,7 @@ def test_bench_train_reports_throughput_and_mfu():
 
 
 KEEP_FREED_MEMORY = """
-import resource, torch, train
+import resource, torch, runs, train
 from model import ModelConfig, Transformer
 
 def train_steps():  # 30 pretraining-like steps; the weights, and the page faults of the last 20
@@ -92,12 +93,13 @@ def train_steps():  # 30 pretraining-like steps; the weights, and the page fault
     return torch.cat([p.detach().flatten() for p in params]), faults[-1] - faults[9]
 
 default_weights, default_faults = train_steps()
-train.keep_freed_memory()
+runs.keep_freed_memory()
 kept_weights, kept_faults = train_steps()
 print(torch.equal(default_weights, kept_weights), default_faults, kept_faults)
 """
 
 
+@pytest.mark.slow  # a ratio of page-fault counts: load from other processes moves it
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc")
 def test_keep_freed_memory_saves_page_faults_and_changes_no_bit():
     """In a fresh process, so that glibc's settings start at their defaults."""
@@ -120,7 +122,7 @@ def test_gpu_step_runs_bf16_products_with_fused_adamw():
     model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     idx = torch.randint(0, 100, (4, 17), device="cuda")
     before = model.lm_head.weight.detach().clone()
-    loss = train.train_step(model, opt, params, (idx[:, :-1], idx[:, 1:], None), train.Seq(), None)
+    loss = train.train_step(model, opt, params, (idx[:, :-1], idx[:, 1:], None), train.Seq(), None, bf16=True)
     assert seen == [torch.bfloat16] and loss.isfinite() and model.lm_head.weight.dtype == torch.float32
     assert not torch.equal(before, model.lm_head.weight)
 
@@ -131,5 +133,5 @@ def test_gpu_step_runs_bf16_products_with_fused_adamw():
 def test_tiny_preset_end_to_end_on_gpu(tmp_path, strategy):
     """Through Task 2, so that each strategy also hands its state from one task to the next on the device."""
     out = train.main(["--preset", "tiny", "--runs", str(tmp_path), "--stage", "task2", "--strategy", strategy])
-    summary = train.read_json(os.path.join(out, "summary.json"))
+    summary = runs.read_json(os.path.join(out, "summary.json"))
     assert 0 <= summary["results"]["task2"]["em"] <= 1 and summary["train_flops"] > 0

@@ -1,6 +1,5 @@
-"""strategies.py: each method's mechanics (not its outcome), on hand-checkable cases and the tiny preset."""
-import dataclasses
-import glob
+"""strategies.py: each method's mechanics (not its outcome), on hand-checkable cases and the tiny preset. Whole
+runs of each method (task vectors, state across tasks and kills, LAMOL's prompts): test_strategies_e2e.py."""
 import os
 import types
 
@@ -8,19 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+import runs
 import strategies
 import train
-from model import read_safetensors
 
 torch.set_num_threads(1)
-
-
-def run(runs_dir, *flags):
-    return train.main(["--preset", "tiny", "--runs", str(runs_dir), *flags])
-
-
-def weights(checkpoint_dir):
-    return read_safetensors(os.path.join(checkpoint_dir, "model.safetensors"))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -113,26 +104,19 @@ def test_gradient_projection_direction_is_the_mean_window_update(tmp_path):
     cfg = train.parse_args(["--preset", "tiny", "--runs", str(tmp_path), "--strategy", "gradproj", "--gp-runs", "1",
                             "--gp-window", "1,3"])[0]
     exp = train.Experiment(cfg)
-    model = train.load_checkpoint(os.path.join(exp.run("task0", False), "final"), "cpu")
-    ctx = exp.context(model, task=1, out=str(tmp_path))
+    model = runs.load_checkpoint(os.path.join(train.run_protocol(cfg, "task0"), "final"), "cpu")
+    ctx = exp.context(model, task=1)
     start = strategies.snapshot(model)
     gp = strategies.make_strategy("gradproj", cfg.strategy_args)
     gp.start(ctx)
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())  # restored
-    trial, seen = train.load_checkpoint(os.path.join(exp.run("task0", False), "final"), "cpu"), {}
+    trial, seen = runs.load_checkpoint(os.path.join(train.run_protocol(cfg, "task0"), "final"), "cpu"), {}
     for step, _ in enumerate(ctx.fit(trial, ctx.train[1], [cfg.seed, 31, 1, 0]), start=1):
         seen[step] = strategies.snapshot(trial)
         if step == 3:
             break
     assert all(torch.allclose(gp.direction[n], seen[3][n] - seen[1][n]) for n in start)
 
-
-def test_task_vector_endpoints():
-    torch.manual_seed(0)
-    theta_0, theta_e, theta_E = ({"w": torch.randn(5, 3)} for _ in range(3))
-    assert torch.equal(strategies.task_vector_point(theta_e, theta_E, theta_0, 0.0)["w"], theta_e["w"])
-    back = strategies.task_vector_point(theta_E, theta_E, theta_0, 1.0)["w"]  # e = E, alpha = 1
-    assert torch.allclose(back, theta_0["w"], atol=1e-6)
 
 # -----------------------------------------------------------------------------------------------
 # Replay, multi-task and LAMOL on the tiny preset's data
@@ -143,7 +127,7 @@ def tiny(tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("runs")
     cfg = train.parse_args(["--preset", "tiny", "--runs", str(runs_dir)])[0]
     exp = train.Experiment(cfg)
-    task0 = exp.run("task0", False)
+    task0 = train.run_protocol(cfg, "task0")
     return cfg, exp, task0
 
 
@@ -160,13 +144,13 @@ def batch_rows(batch, pad_id):
 @pytest.mark.parametrize("fraction", [0.1, 0.2])
 def test_replay_buffer_and_batches(tiny, fraction):
     cfg, exp, task0 = tiny
-    model = train.load_checkpoint(os.path.join(task0, "final"), "cpu")
+    model = runs.load_checkpoint(os.path.join(task0, "final"), "cpu")
     replay = strategies.make_strategy("replay", {"replay_fraction": fraction})
-    ctx = exp.context(model, task=1, out="")
+    ctx = exp.context(model, task=1)
     replay.start(ctx)
     assert len(replay.buffer) == round(fraction * len(ctx.train[0])) and set(replay.buffer[:, 0]) == {0}
     assert len(set(replay.buffer[:, 1])) == len(replay.buffer)  # no pair twice
-    ctx2 = exp.context(model, task=2, out="")
+    ctx2 = exp.context(model, task=2)
     replay.start(ctx2)  # Task 1 finished: its share joins the pool
     assert [(replay.buffer[:, 0] == t).sum() for t in (0, 1)] == [round(fraction * len(ctx2.train[t])) for t in (0, 1)]
     buffered = {key for t in (0, 1) for key in np.array(pair_keys(ctx2.train[t]), dtype=object)[replay.buffer[replay.buffer[:, 0] == t, 1]]}
@@ -185,8 +169,8 @@ def test_replay_buffer_and_batches(tiny, fraction):
 
 def test_multitask_epoch_is_every_pair_of_every_task_so_far(tiny):
     cfg, exp, task0 = tiny
-    model = train.load_checkpoint(os.path.join(task0, "final"), "cpu")
-    ctx = exp.context(model, task=1, out="")
+    model = runs.load_checkpoint(os.path.join(task0, "final"), "cpu")
+    ctx = exp.context(model, task=1)
     multi = strategies.make_strategy("multitask")
     multi.start(ctx)
     seen = [r for b in multi.epoch(ctx, np.random.default_rng(0)) for r in batch_rows(b, exp.tok.pad_id)]
@@ -195,8 +179,8 @@ def test_multitask_epoch_is_every_pair_of_every_task_so_far(tiny):
 
 def test_lamol_keeps_only_well_formed_samples_and_scores_them(tiny, monkeypatch):
     cfg, exp, task0 = tiny
-    model = train.load_checkpoint(os.path.join(task0, "final"), "cpu")
-    ctx = exp.context(model, task=1, out="")
+    model = runs.load_checkpoint(os.path.join(task0, "final"), "cpu")
+    ctx = exp.context(model, task=1)
     real = ctx.train[0].prompts[0] + ctx.train[0].answers[0]
     wrong_answer = ctx.train[0].prompts[0] + ctx.train[0].answers[1]
     answer_mark = exp.tok.encode("\nAnswer:")
@@ -216,8 +200,8 @@ def test_lamol_keeps_only_well_formed_samples_and_scores_them(tiny, monkeypatch)
 
 def test_lamol_loss_adds_the_generation_term(tiny):
     cfg, exp, task0 = tiny
-    model = train.load_checkpoint(os.path.join(task0, "final"), "cpu")
-    ctx = exp.context(model, task=1, out="")
+    model = runs.load_checkpoint(os.path.join(task0, "final"), "cpu")
+    ctx = exp.context(model, task=1)
     batch = ctx.train[1].batch([0, 1, 2])
     _, qa_loss = model(*batch[:2], loss_mask=batch[2])
     for token, prefix in (("shared", [exp.tok.eos_id]), ("task", [exp.tok.eos_id, exp.tok.encode(" 2")[0]])):
@@ -234,43 +218,3 @@ def test_lamol_loss_adds_the_generation_term(tiny):
             nll += torch.nn.functional.cross_entropy(logits[0, len(prefix) - 1:], targets, reduction="sum").item()
             count += len(targets)
         assert total.item() == pytest.approx(qa_loss.item() + 0.25 * nll / count, rel=1e-4)
-
-# -----------------------------------------------------------------------------------------------
-# State across tasks and restarts
-
-
-@pytest.mark.parametrize("strategy", ["ewc", "replay", "gradproj", "lamol"])
-def test_a_killed_run_resumes_to_the_same_weights(tmp_path, strategy, monkeypatch):
-    """Task 2 needs the state Task 1 left (Fisher, buffer); a kill inside Task 2, then --resume in a new
-    Experiment (as a new process would), gives bit-identical weights to an uninterrupted run."""
-    flags = ["--stage", "task2", "--strategy", strategy]
-    whole = run(tmp_path / "whole", *flags)
-    real_save_state, calls = train.save_state, []
-
-    def save_then_die(model, opt, out, step, stopped):
-        real_save_state(model, opt, out, step, stopped)
-        calls.append(out)
-        if "task2-" in out and step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_state", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed", *flags)
-    monkeypatch.setattr(train, "save_state", real_save_state)
-    resumed = run(tmp_path / "killed", *flags, "--resume")
-    a, b = weights(os.path.join(whole, "final")), weights(os.path.join(resumed, "final"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    state = os.path.join(resumed, "..", os.path.basename(glob.glob(f"{tmp_path}/killed/tiny/task1-*")[0]), "final")
-    assert os.path.exists(os.path.join(state, "strategy.json"))  # Task 1 left its state beside its checkpoint
-
-
-def test_table_on_tiny(tmp_path):
-    root = run(tmp_path, "--stage", "table")
-    rows = train.read_json(os.path.join(root, "table.json"))["rows"]
-    assert [r["method"] for r in rows] == [label for label, *_ in train.TABLE]
-    assert len({r["run"] for r in rows}) == len(rows)  # every method its own run
-    task0_runs = {os.path.basename(p) for p in glob.glob(f"{tmp_path}/tiny/task0-*")}
-    assert len(task0_runs) == 3  # one shared, and LAMOL_g's and LAMOL_t's own (they train Task 0 too)
-    assert all(os.path.exists(os.path.join(root, name)) for name in ("table.md", "table.png"))
-    lamol = next(r for r in rows if r["strategy"] == "lamol-g")
-    assert lamol["strategy_state"]["pseudo_sample_quality"]["0"]["sampled"] > 0

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from theory import (SWEEP, TheoryConfig, accumulation, check_rows, control_rows, growth, holds, independent_growth, input_side_check,
-                    last_token_hidden, make_net, module_outputs, plot, principal_projector, residual_shift,
-                    shift_subspace_share, single_layer, summed_shift, telescoping, vacuity_rows, wedin, whole_network)
+from analysis import input_side_check, last_token_hidden, module_outputs, residual_shift, shift_subspace_share
+from theory import (check_rows, control_rows, cor_f5_summed_shift, holds, make_net, Net, plot, principal_projector,
+                    prop_4_6_single_layer, prop_4_7_whole_network, prop_4_9_accumulation, prop_4_9_growth,
+                    prop_4_9_independent_growth, SWEEP, telescoping, TheoryConfig, vacuity_rows, wedin)
 
 SIZES = [  # (d, L, delta, eps, k)
     (16, 4, 0.01, 0.01, 0),
@@ -41,9 +42,9 @@ def alignment(net, l):
 def test_statements_hold(cfg):
     net = make_net(cfg)
     assert telescoping(net) <= 1e-10
-    measured, bound = single_layer(make_net(dataclasses.replace(cfg, update="input-orthogonal")))
+    measured, bound = prop_4_6_single_layer(make_net(dataclasses.replace(cfg, update="input-orthogonal")))
     assert measured <= bound < 0.2            # 4.6, and the bound is far from the generic 1
-    measured, bound = whole_network(net)
+    measured, bound = prop_4_7_whole_network(net)
     assert measured <= bound < 0.1            # 4.7, and far from vacuous
     s0 = np.linalg.svd(net.X[0], compute_uv=False)
     for l in range(1, cfg.L + 1):             # the proofs' key step: Wedin's bound on how far P_l turns
@@ -54,7 +55,7 @@ def test_statements_hold(cfg):
     a, L, k = 1 + cfg.delta + cfg.eps, cfg.L, cfg.k
     first = k + 1 if cfg.frozen == "bottom" else 1
     for l in range(first, L + 1):             # 4.9 / F.5 on every prefix of the network
-        measured, lower, upper = accumulation(net, l)
+        measured, lower, upper = prop_4_9_accumulation(net, l)
         assert 0 < lower <= measured * (1 + 1e-12) and measured <= upper  # equal at the first trained layer
         if cfg.frozen == "bottom":
             assert upper <= (l - k) * cfg.eps * a ** (l - 1) * (1 + 1e-12)  # equality at l = k + 1
@@ -69,27 +70,27 @@ def test_telescoping_is_exact_for_every_update_kind():
 @pytest.mark.parametrize("d", [16, 64])
 def test_shift_grows_linearly_with_depth(seed, d):
     net = make_net(TheoryConfig(d=d, L=16, delta=0.005, seed=seed))
-    shifts = np.array([accumulation(net, l)[0] for l in range(1, 17)])
+    shifts = np.array([prop_4_9_accumulation(net, l)[0] for l in range(1, 17)])
     per_layer = shifts / np.arange(1, 17)     # constant when the growth is linear
     assert np.corrcoef(np.arange(1, 17), shifts)[0, 1] > 0.999
     assert per_layer.max() / per_layer.min() < 1.1
-    assert holds(growth(net), "~=", 2.0)
+    assert holds(prop_4_9_growth(net), "~=", 2.0)
 
 
 @pytest.mark.parametrize("seed", [0, 100])
 def test_independent_updates_grow_like_a_random_walk(seed):
     cfg = TheoryConfig(L=16, delta=0.005, seed=seed)
-    assert holds(independent_growth(cfg), "~=", 2 ** 0.5)  # in expectation: the mean over draws
+    assert holds(prop_4_9_independent_growth(cfg), "~=", 2 ** 0.5)  # in expectation: the mean over draws
     for i in range(8):                                     # and no single draw grows linearly
-        assert growth(make_net(dataclasses.replace(cfg, update="independent", seed=seed + i))) < 1.8
+        assert prop_4_9_growth(make_net(dataclasses.replace(cfg, update="independent", seed=seed + i))) < 1.8
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_bottom_freezing_beats_top_freezing_on_the_summed_shift_only(seed):
     bottom, top = (make_net(TheoryConfig(L=12, k=3, frozen=f, seed=seed)) for f in ("bottom", "top"))
-    (b_measured, _, b_upper), (t_measured, t_lower, _) = summed_shift(bottom), summed_shift(top)
+    (b_measured, _, b_upper), (t_measured, t_lower, _) = cor_f5_summed_shift(bottom), cor_f5_summed_shift(top)
     assert b_measured <= b_upper < t_lower <= t_measured    # provably less shift, summed over the layers
-    last_bottom, last_top = accumulation(bottom)[0], accumulation(top)[0]
+    last_bottom, last_top = prop_4_9_accumulation(bottom)[0], prop_4_9_accumulation(top)[0]
     assert last_bottom == pytest.approx(last_top, rel=0.03)  # the last layer alone: the old, symmetric F.5
 
 
@@ -105,7 +106,7 @@ def test_where_the_bounds_become_vacuous():
 @pytest.mark.parametrize("seed", range(3))
 def test_freezing_shrinks_the_shift(seed):
     L = 12
-    results = [accumulation(make_net(TheoryConfig(L=L, k=k, seed=seed))) for k in range(L)]
+    results = [prop_4_9_accumulation(make_net(TheoryConfig(L=L, k=k, seed=seed))) for k in range(L)]
     measured = np.array([m for m, _, _ in results])
     uppers = np.array([u for _, _, u in results])
     assert np.all(np.diff(measured) < 0) and np.all(np.diff(uppers) < 0)
@@ -113,14 +114,45 @@ def test_freezing_shrinks_the_shift(seed):
     assert np.allclose(measured / measured[0], (L - np.arange(L)) / L, rtol=0.1)
 
 
+# ---- the measurements on a network small enough to work out by hand
+
+def hand_net(eps):
+    """d = 2, two samples X_0 = diag(2, 1), r = 1 (P = e1 e1^T), two layers with W = 0 and the same update
+    dW = eps e2 e1^T: it reads the principal direction e1 and writes e2, outside it. As (e2 e1^T)^2 = 0,
+    X~_2 = (I + 2 eps e2 e1^T) X_0, so D_2 = [[0, 0], [4 eps, 0]]: a shift of 4 eps, all outside P."""
+    cfg = TheoryConfig(d=2, n=2, r=1, L=2, delta=0.0, eps=eps)
+    X0, dW = np.diag([2.0, 1.0]), eps * np.array([[0.0, 0.0], [1.0, 0.0]])
+    X = [X0, X0, X0]
+    Xt = [X0, X0 + dW @ X0, X0 + 2 * dW @ X0]
+    return Net(cfg, W=[np.zeros((2, 2))] * 2, dW=[dW, dW], X=X, Xt=Xt)
+
+
+def test_statements_measure_what_the_hand_computation_gives():
+    eps = 0.1
+    net = hand_net(eps)
+    assert np.allclose(principal_projector(net.X[0], 1), [[1, 0], [0, 0]])
+    assert telescoping(net) <= 1e-15
+    # 4.9 at l = 2: measured ||D_2|| / ||X_0|| = 4 eps / sqrt(5); the drive ||2 dW X_0|| / ||X_0|| is the same;
+    # upper = eps (1 + eps) + eps (layer 1's shift goes through layer 2's A~ = 1 + eps); lower = drive - eps^2.
+    measured, lower, upper = prop_4_9_accumulation(net)
+    assert measured == pytest.approx(4 * eps / 5 ** 0.5)
+    assert upper == pytest.approx(eps * (2 + eps)) and lower == pytest.approx(4 * eps / 5 ** 0.5 - eps ** 2)
+    assert prop_4_9_accumulation(net, 1) == pytest.approx((2 * eps / 5 ** 0.5, 2 * eps / 5 ** 0.5, eps))
+    # 4.6: rho = 1 (dW reads e1 only), ||dW X_0|| / (||dW|| ||X_0||) = 2 / sqrt(5), tau / ||X_0|| = 1 / sqrt(5)
+    assert prop_4_6_single_layer(net) == pytest.approx((2 / 5 ** 0.5, 1 + 1 / 5 ** 0.5))
+    assert prop_4_6_single_layer(net, rho=0.0) == pytest.approx((2 / 5 ** 0.5, 1 / 5 ** 0.5))  # a false claim fails
+    # F.5's sum over layers: (2 + 4) eps / sqrt(5) measured
+    assert cor_f5_summed_shift(net)[0] == pytest.approx(6 * eps / 5 ** 0.5)
+
+
 # ---- negative controls: break an assumption and the check must fail
 
 @pytest.mark.parametrize("seed", range(4))
 def test_aligned_updates_are_not_orthogonal(seed):
     net = make_net(TheoryConfig(update="aligned", seed=seed))
-    for measured, bound in (single_layer(net, rho=0.0), whole_network(net)):  # 4.6: a false claim of rho = 0
+    for measured, bound in (prop_4_6_single_layer(net, rho=0.0), prop_4_7_whole_network(net)):  # 4.6: a false claim of rho = 0
         assert not holds(measured, "<=", bound)
-    measured, bound = single_layer(net)       # with the true rho the bound holds, and says nothing
+    measured, bound = prop_4_6_single_layer(net)       # with the true rho the bound holds, and says nothing
     assert measured <= bound and bound > 1
     assert alignment(net, net.cfg.L) > 0.9
 
@@ -129,17 +161,17 @@ def test_aligned_updates_are_not_orthogonal(seed):
 def test_large_delta_breaks_orthogonality(seed):
     big = make_net(TheoryConfig(d=16, L=8, delta=1.0, seed=seed))
     assert alignment(big, big.cfg.L) > 0.3    # the shift is no longer nearly orthogonal
-    measured, bound = whole_network(big, delta=0.01)
+    measured, bound = prop_4_7_whole_network(big, delta=0.01)
     assert not holds(measured, "<=", bound)   # the small-delta bound fails
-    measured, bound = whole_network(big)
+    measured, bound = prop_4_7_whole_network(big)
     assert bound >= 1 and measured <= bound   # the true-delta bound is vacuous, yet still true
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_independent_updates_grow_sublinearly(seed):
     net = make_net(TheoryConfig(L=16, delta=0.005, update="independent", seed=seed))
-    assert not holds(growth(net), "~=", 2.0)  # about sqrt(2): a random walk, not a linear drift
-    measured, lower, upper = accumulation(net)
+    assert not holds(prop_4_9_growth(net), "~=", 2.0)  # about sqrt(2): a random walk, not a linear drift
+    measured, lower, upper = prop_4_9_accumulation(net)
     assert lower <= measured <= upper         # the bounds themselves still hold
 
 
@@ -182,11 +214,14 @@ def test_residual_shift_is_zero_below_the_perturbed_blocks(k):
         assert a["shift"] == pytest.approx(b["shift"], rel=1e-4, abs=1e-12)
 
 
-# ---- part 4: the statements on a small trained transformer (tiny data, 4 blocks, trained in the test)
+# ---- part 4: the statements on a small trained transformer (tiny data, 4 blocks, trained in the test).
+# These record one seed's outcome; the measurements they use are checked against known answers in
+# test_analysis.py (analysis.py holds them), and the statements against the hand-made network above.
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The Task-0 model and the model after Task 1 (SEQ), their Task-0 test prompts, and the Task-1 data."""
+    import runs
     import train
     from model import left_pad
     flags = ["--preset", "tiny", "--runs", str(tmp_path_factory.mktemp("runs")), "--n-layer", "4",
@@ -194,7 +229,7 @@ def trained(tmp_path_factory):
     train.main(flags + ["--stage", "task1"])
     cfg = train.parse_args(flags)[0]
     exp = train.Experiment(cfg)
-    before, after = (train.load_checkpoint(os.path.join(train.stage_dir(cfg, s)[0], "final"), "cpu") for s in ("task0", "task1"))
+    before, after = (runs.load_checkpoint(os.path.join(runs.stage_dir(cfg, s)[0], "final"), "cpu") for s in ("task0", "task1"))
     idx, mask = left_pad(exp.qa_set("task0_test").prompts, exp.tok.pad_id)
     return cfg, exp, before, after, idx, mask
 

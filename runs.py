@@ -1,0 +1,558 @@
+"""The plumbing under train.py: files, the stage cache, several processes, the device, time, one run at a time.
+Nothing here is the experiment; train.py calls these by name.
+
+    files        write_json, read_json, read_jsonl: every write atomic; checkpoints and resumable training states
+    stage cache  stage_dir: runs/<preset>/<stage>[-<strategy>]-<hash of every setting that shaped the stage>
+    processes    init_distributed, shard, mean_over_ranks, agree, barrier: torchrun and DDP (DIST: this rank)
+    device       precision and autocast: bf16 where the hardware has it; sync
+    time         Meter: where a stage's time goes, and its useful FLOPs
+    one run      process_setup(): malloc settings, the process group and the run lock; cli(): one-line errors
+"""
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import datetime
+import errno
+import functools
+import glob
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import data
+from model import Transformer, atomic_write, read_safetensors, write_safetensors
+from model import write_json as atomic_write_json
+from strategies import make_strategy
+
+
+class UserError(Exception):
+    """A mistake in the command line or in files given to us: reported in one line, no traceback."""
+
+# -----------------------------------------------------------------------------------------------
+# Files: every write is atomic (model.atomic_write: temporary file, then rename), so an interrupted run
+# loses nothing.
+
+
+def write_text(path, text):
+    if not DIST.main:  # under torchrun, rank 0 alone writes files
+        return
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def write_json(path, obj):
+    if DIST.main:  # under torchrun, rank 0 alone writes files
+        atomic_write_json(path, obj)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file; a last line torn by a kill mid-write is dropped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+def read_metrics(run_dir):
+    return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def save_checkpoint(model, tok, path, info, strategy=None):
+    """An HF checkpoint directory plus tokenizer.json and training_state.json, appearing all at once; with
+    a strategy, also what it carries to the next task (strategy.safetensors + strategy.json)."""
+    if not DIST.main:
+        return
+    tmp = f"{path}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    write_json(os.path.join(tmp, "training_state.json"), info)
+    if strategy is not None:
+        tensors, meta = strategy.state()
+        write_safetensors(os.path.join(tmp, "strategy.safetensors"), {k: v.cpu().contiguous() for k, v in tensors.items()})
+        write_json(os.path.join(tmp, "strategy.json"), {"strategy": strategy.name, "label": strategy.label(),
+                                                       "meta": meta})
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
+
+
+def load_checkpoint(path, device):
+    try:
+        return Transformer.from_pretrained(path).to(device)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"cannot load checkpoint: {e}") from None
+
+
+def load_strategy_state(strategy, checkpoint, device):
+    """Hand `strategy` what its run of the previous task left beside `checkpoint` (nothing if another
+    strategy, e.g. the shared SEQ Task 0, made it)."""
+    path = os.path.join(checkpoint, "strategy.json")
+    if not os.path.exists(path):
+        return
+    try:
+        saved = read_json(path)
+        if saved["strategy"] == strategy.name:
+            tensors = read_safetensors(os.path.join(checkpoint, "strategy.safetensors"))
+            strategy.load_state({k: v.to(device) for k, v in tensors.items()}, saved["meta"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read the strategy state in {checkpoint}: {e}") from None
+
+
+def save_state(model, opt, out, step, stopped):
+    """Everything needed to continue a stage exactly: weights, AdamW moments, step, torch RNG.
+    (Batch order needs no state: each epoch's order is drawn from its own seeded generator.)"""
+    if not DIST.main:
+        return
+    state_dir = os.path.join(out, "state")
+    name = f"step-{step:07d}"
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | {"torch_rng": torch.get_rng_state()}
+    opt_state = opt.state_dict()
+    for i, moments in opt_state["state"].items():
+        tensors |= {f"opt.{i}.{k}": v.reshape(1) if v.dim() == 0 else v for k, v in moments.items()}
+    os.makedirs(os.path.join(state_dir, name), exist_ok=True)
+    write_safetensors(os.path.join(state_dir, name, "state.safetensors"), {k: v.cpu().contiguous() for k, v in tensors.items()})
+    write_json(os.path.join(state_dir, name, "state.json"),
+               {"step": step, "stopped_early": stopped, "param_groups": opt_state["param_groups"]})
+    write_json(os.path.join(state_dir, "latest.json"), {"dir": name})  # the switch-over is this one rename
+    for old in os.listdir(state_dir):
+        if old.startswith("step-") and old != name:
+            shutil.rmtree(os.path.join(state_dir, old), ignore_errors=True)
+
+
+def start_stage(out):
+    """A stage's training from step 0, with an empty metrics.jsonl. Returns (step, stopped early?)."""
+    write_text(os.path.join(out, "metrics.jsonl"), "")
+    return 0, False
+
+
+def resume_stage(model, opt, out, name):
+    """Continue a stage's training from its last saved state, dropping the metrics recorded after it; with no
+    complete state (no state/latest.json: a kill before the first one was written), start it over. Returns
+    (step, stopped early?)."""
+    if not os.path.exists(os.path.join(out, "state", "latest.json")):
+        return start_stage(out)
+    step, stopped = load_state(model, opt, out)
+    print(f"  {name}: resuming at step {step}")
+    path = os.path.join(out, "metrics.jsonl")
+    write_text(path, "".join(json.dumps(record) + "\n" for record in read_jsonl(path) if record["step"] <= step))
+    return step, stopped
+
+
+def append_metrics(out, record):
+    """One more line of out/metrics.jsonl: a kill loses at most that line."""
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def load_state(model, opt, out):
+    path = os.path.join(out, "state")
+    try:
+        path = os.path.join(path, read_json(os.path.join(path, "latest.json"))["dir"])
+        meta = read_json(os.path.join(path, "state.json"))
+        tensors = read_safetensors(os.path.join(path, "state.safetensors"))
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        moments = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                moments.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+        opt.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(tensors["torch_rng"])
+        return meta["step"], meta["stopped_early"]
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"cannot resume from {path}: {e}") from None
+
+# -----------------------------------------------------------------------------------------------
+# The stage cache
+
+
+@dataclass
+class Stage:
+    """A stage being built (build_stage): its name, its directory, whether to continue an interrupted run there,
+    where its time goes, and the directory of the stage before it."""
+    name: str
+    out: str
+    resume: bool
+    meter: "Meter"
+    prev_dir: str = None
+
+
+def build_stage(cfg, name, build, resume, prev_dir=None):
+    """Stage `name` of cfg in its cache directory (stage_dir): read if complete (its summary.json exists), else
+    built there by build(Stage) -> summary, with a record of the settings and the machine, and the time it
+    took. An interrupted build is started over, or continued with `resume`. Returns the directory."""
+    out, settings = stage_dir(cfg, name)
+    if is_complete(out):
+        print(f"{name}: cached in {out}")
+        return out
+    if os.path.exists(out) and not resume and DIST.main:
+        print(f"{name}: {out} holds an interrupted run; starting it over (--resume continues it)")
+        shutil.rmtree(out)
+    barrier()
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "settings.json"), {"stage": name, "settings": settings, **environment()})
+    print(f"{name}: training into {out}")
+    start, stage = time.time(), Stage(name, out, resume, Meter(), prev_dir)
+    summary = build(stage)
+    seconds = time.time() - start  # of this process, if resumed
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    summary |= {"stage": name, "seconds": round(seconds, 1), **stage.meter.summary(seconds), "settings": settings,
+                "precision": precision(cfg, device_type), **environment()}
+    write_json(os.path.join(out, "summary.json"), summary)
+    if DIST.main:
+        for state in glob.glob(os.path.join(out, "**", "state"), recursive=True):  # complete: no resume needed
+            shutil.rmtree(state)
+    barrier()
+    return out
+
+
+def is_complete(out):
+    return os.path.exists(os.path.join(out, "summary.json"))
+
+
+def saved_checkpoints(run_dir):
+    """{step: directory} of the checkpoints a stage saved along the way (its ckpt/step-NNNNNNN)."""
+    ckpt_dir = os.path.join(run_dir, "ckpt")
+    if not os.path.isdir(ckpt_dir):
+        return {}
+    return {int(name[5:]): os.path.join(ckpt_dir, name) for name in sorted(os.listdir(ckpt_dir))
+            if not name.endswith(".tmp")}
+
+
+STAGE_KINDS = ("pretrain", "task0", "task", "recover")  # in the order they run; task = any of Tasks 1..K
+
+
+def stage_dir(cfg, stage):
+    """runs/<preset>/<stage>[-<strategy>]-<hash of every setting that shaped this stage and those before it>:
+    the TrainConfig fields whose metadata names this stage's kind or an earlier one, the vocabulary, the
+    precision where it is not a CPU's fp32, and the strategy with every one of its settings. Returns the
+    directory and those settings."""
+    kind = stage if stage in STAGE_KINDS else "task"
+    earlier = STAGE_KINDS[:STAGE_KINDS.index(kind) + 1]
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("stage") in earlier}
+    settings |= {"vocabulary": vocabulary_digest()}
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if PRECISION_KEYS[device_type, precision(cfg, device_type)]:  # other numbers: never another precision's stages
+        settings |= {"precision": PRECISION_KEYS[device_type, precision(cfg, device_type)]}
+    strategy = make_strategy(cfg.strategy, cfg.strategy_args)
+    uses_strategy = stage != "pretrain" and (stage != "task0" or strategy.changes_task0)
+    if uses_strategy:  # the method and every one of its hyper-parameters, defaults included
+        settings |= {"strategy": strategy.name, "strategy_config": strategy_key(strategy.config)}
+    label = f"{stage}-{strategy.label()}" if uses_strategy else stage
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(cfg.runs, cfg.preset, f"{label}-{digest}"), settings
+
+
+def strategy_key(config):
+    """A strategy's settings for the cache key: all of them, except those added after runs were cached, which
+    count only when changed (so that those runs keep their keys)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if not (f.metadata.get("keyed_when_changed") and getattr(config, f.name) == f.default)}
+
+
+@functools.cache
+def vocabulary_digest():
+    """Edited pools give another vocabulary, and so other token ids: part of every cache key."""
+    return hashlib.sha256("\n".join(data.build_tokenizer().vocab).encode()).hexdigest()[:10]
+
+
+def environment():
+    return {"versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch threads",
+            "processes": DIST.world}
+
+# -----------------------------------------------------------------------------------------------
+# Several processes: torchrun and DistributedDataParallel
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+DIST = Dist()  # one process, unless init_distributed() joined a torchrun group
+
+
+def init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs) and take this
+    rank's GPU. Every rank builds the same data and draws the same batches from the seed; in each step it
+    trains on its slice of the global batch and DDP averages the gradients, so the step equals one process's
+    step on the whole batch (LAMOL's extra generation loss aside: it is a mean over each rank's rows). The
+    loop's evaluations and every file are rank 0's; the others wait at the next collective. A strategy's
+    own preparation (preliminary runs, Fisher, pseudo samples, the task-vector grid) runs on every rank
+    alike, from the same seeds."""
+    global DIST
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    DIST = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    device = None
+    if torch.cuda.is_available():
+        device = torch.device("cuda", DIST.local_rank)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device else "gloo", device_id=device,
+                                         timeout=datetime.timedelta(minutes=60))  # rank 0 may evaluate a while
+    if not DIST.main:
+        sys.stdout = open(os.devnull, "w")  # one copy of the progress report
+
+
+def barrier():
+    """Wait until every rank is here (so files rank 0 wrote can be read)."""
+    if DIST.world > 1:
+        torch.distributed.barrier()
+
+
+def shard(batch):
+    """This rank's rows of a global batch, and the weight that makes DDP's mean of the ranks' mean losses the
+    whole batch's mean loss: (this rank's loss tokens / the batch's) x ranks. Always a loss mask under DDP,
+    so that a rank left with no rows (a batch smaller than the world) still gives a loss of 0."""
+    inputs, targets, mask = batch
+    if DIST.world == 1:
+        return batch, None
+    if mask is None:
+        mask = torch.ones_like(targets, dtype=torch.bool)
+    rows = slice(DIST.rank, None, DIST.world)
+    share = mask[rows].sum() / mask.sum()
+    return (inputs[rows], targets[rows], mask[rows]), share * DIST.world
+
+
+def mean_over_ranks(loss, weight):
+    """The global batch's mean loss from every rank's weighted one (every rank must call it)."""
+    if DIST.world == 1:
+        return loss.item()
+    total = (loss.detach() * weight / DIST.world).reshape(1)
+    torch.distributed.all_reduce(total)
+    return total.item()
+
+
+def agree(flag):
+    """Rank 0's answer, on every rank."""
+    if DIST.world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())
+
+# -----------------------------------------------------------------------------------------------
+# The device: bf16 where the hardware has it
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def autocast(device_type, bf16):
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def native_bf16(device_type):
+    """Whether bf16 matrix products run in hardware here: on CUDA GPUs, and on CPUs with AVX512-BF16 or AMX.
+    Elsewhere torch emulates them, far slower than fp32 (on an AVX2-only CPU: 1.4 against 105 GFLOP/s)."""
+    if device_type == "cuda":
+        return True
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def precision(cfg, device_type):
+    """'bf16' or 'fp32': what --precision asks for, auto resolved for this device."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if native_bf16(device_type) else "fp32"
+
+
+# The cache key's entry per (device, precision). fp32 on a CPU adds none and bf16 on a GPU the entry it always
+# had, so that stages made before --precision existed keep their keys.
+PRECISION_KEYS = {("cpu", "fp32"): None, ("cuda", "bf16"): "bf16 autocast",
+                  ("cpu", "bf16"): "bf16 autocast on cpu", ("cuda", "fp32"): "fp32 on cuda"}
+
+# -----------------------------------------------------------------------------------------------
+# Time
+
+
+class Meter:
+    """Where a stage's wall-clock time goes (training steps, evaluations, checkpoints, a strategy's own work)
+    and the useful training FLOPs done (Transformer.flops_per_token; the loop's own forward and backward, not
+    a strategy's extra passes), for its summary.json. Both cover this process's part of a resumed stage."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(("train", "eval", "checkpoint", "strategy"), 0.0)
+        self.train_flops = 0.0
+        self.train_tokens = 0
+        self.queued = None  # the kind whose GPU work may still be running
+
+    @contextlib.contextmanager
+    def time(self, kind):
+        """Add the block's wall-clock seconds to `kind`. A GPU runs behind the Python that queues its work,
+        and waiting for it after every training step would drain its queue; so blocks of one kind in a row
+        run without a wait, and the wait, once another kind starts (or the stage ends), goes to the kind
+        that queued the work. On a CPU nothing is queued: each block's own time."""
+        if kind != self.queued:
+            self.settle()
+        start = time.perf_counter()
+        yield
+        self.seconds[kind] += time.perf_counter() - start
+        self.queued = kind
+
+    def settle(self):
+        if self.queued is not None:
+            start = time.perf_counter()
+            sync()
+            self.seconds[self.queued] += time.perf_counter() - start
+            self.queued = None
+
+    def count(self, model, inputs, loss_mask):
+        """Add one step's useful FLOPs: each row up to its last loss position (the padding after it is
+        waste), and the head at the loss positions only when there is a loss mask."""
+        fixed, head = model.flops_per_token(seq_len=0)
+        per_position = model.flops_per_token(seq_len=1)[0] - fixed  # attention: linear in the row's length
+        if loss_mask is None:
+            lengths = torch.full(inputs.shape[:1], inputs.shape[1], device=inputs.device)
+            head_tokens = inputs.numel()
+        else:
+            lengths = loss_mask.shape[1] - loss_mask.flip(1).int().argmax(1)  # (B,) tokens up to the last loss position
+            head_tokens = loss_mask.sum()
+        # kept as device tensors: reading them every step would stall a GPU
+        lengths = lengths.double()
+        self.train_flops += fixed * lengths.sum() + per_position * (lengths ** 2).sum() + head * head_tokens
+        self.train_tokens += lengths.sum()
+
+    def summary(self, total_seconds):
+        self.settle()
+        return {"time_s": {k: round(v, 1) for k, v in self.seconds.items()}
+                | {"other": round(total_seconds - sum(self.seconds.values()), 1)},
+                "train_flops": float(self.train_flops), "train_tokens": int(self.train_tokens)}
+
+# -----------------------------------------------------------------------------------------------
+# One run at a time, and its errors
+
+
+def keep_freed_memory():
+    """Let glibc's malloc keep freed memory mapped for reuse (Linux with glibc; elsewhere nothing changes).
+
+    Every step frees and reallocates the same few-megabyte activation buffers. By default glibc serves the
+    largest with fresh pages from the kernel and hands freed memory back, so the next step faults every 4 KB
+    page in again: two pretraining epochs of the cpu preset took 2.3-3.2 million page faults, 0.4-0.5 million
+    with these settings (README, "Speed"). The arithmetic and its bits stay the same; only the faults go.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # from <malloc.h>
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks up to 32 MB (glibc's largest setting) come from the heap
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)   # free memory at the heap's top is returned only past 1 GB
+    mallopt(M_TOP_PAD, 64 << 20)         # and the heap grows in 64 MB steps, not page by page
+
+
+class RunLock:
+    """One train.py at a time per runs/<preset> directory: two would build the same stages at once. The lock
+    file holds the owner's pid; a lock whose process is gone (killed) is stale and taken over."""
+
+    def __init__(self, root):
+        self.root, self.path = root, os.path.join(root, "train.lock")
+
+    def holder(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read() or -1)  # -1: being written by a process that just took it
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self):
+        os.makedirs(self.root, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self.holder()
+                if pid == -1 or (pid is not None and process_alive(pid)):
+                    raise UserError(f"{self.root} is in use by another train.py (pid {pid}, lock file {self.path})"
+                                    f"; wait for it, or stop it") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise UserError(f"{self.root}: could not take the lock file {self.path}")
+
+    def __exit__(self, *exc):
+        if self.holder() == os.getpid():
+            os.remove(self.path)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextlib.contextmanager
+def process_setup(root):
+    """Around one process's work: freed memory kept mapped, the torchrun group joined (and left), and the run
+    lock on `root` held by rank 0."""
+    keep_freed_memory()
+    init_distributed()
+    try:
+        with RunLock(root) if DIST.main else contextlib.nullcontext():
+            yield
+    finally:
+        if DIST.world > 1:
+            torch.distributed.destroy_process_group()  # (a rank that fails ends them all: torchrun stops the rest)
+
+
+def add_flags(parser, fields, default_note):
+    """A --flag for each dataclass field, of its type and with its help; None when not given."""
+    for f in fields:
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                            help=f"{f.metadata['help']} ({default_note}: {f.default})")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line (the usage of a parser with 60 flags would bury it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def cli(main, argv=None):
+    """main(argv) for the command line: a user's mistake or a disk problem is one line, not a traceback."""
+    try:
+        return main(argv)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        sys.exit(f"error: {e.filename or 'writing'}: {e.strerror}; the last complete state is kept (--resume continues)")
