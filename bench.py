@@ -397,7 +397,7 @@ def whole(minimum):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's malloc settings (to measure what runs.keep_freed_memory gains)")
     sub = parser.add_subparsers(dest="what", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")

@@ -170,3 +170,19 @@ def test_theory_flags_are_refused_in_one_line(flags, names, runs_dir, capsys):
     message = capsys.readouterr().err.strip()
     assert "\n" not in message and names in message, message
     assert listing(runs_dir) == before
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["train", "--steps", "0"], "--steps"), (["train", "--steps", "x"], "--steps"), (["train", "--preset", "big"], "--preset"),
+    (["model", "--batch", "-1"], "--batch"), (["model", "--seq-len", "0"], "--seq-len"), (["eval", "--reps", "0"], "--reps"),
+    (["eval", "--checkpoint", "no/such/dir"], "--checkpoint"), (["flops", "--profile", "-1"], "--profile"),
+    (["run", "--runs", "no/such/dir"], "--runs"), (["head", "--reps", "1.5"], "--reps"), (["speed"], "speed"),
+    (["train", "--bogus"], "--bogus"),
+])
+def test_bench_flags_are_refused_in_one_line(argv, names, capsys):
+    import bench
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and names in message, message
