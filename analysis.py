@@ -423,7 +423,8 @@ def parse_args(argv):
     parser.add_argument("--prompts", type=int, default=600, help="Task-0 test prompts for the feature views (>= 2)")
     args, rest = parser.parse_known_args(argv)
     cfg = train.parse_args(rest)[0]  # train.py's flags choose the configuration
-    args.resolution = args.resolution or (5 if cfg.preset == "tiny" else 9)
+    if args.resolution is None:
+        args.resolution = 5 if cfg.preset == "tiny" else 9
     if args.resolution < 2:
         parser.error(f"--resolution {args.resolution}: expected 2 or more grid points")
     if args.prompts < 2:

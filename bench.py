@@ -1,4 +1,4 @@
-"""Benchmarks that print ratios, not pass/fail: run them by hand, put the figures in the README.
+"""Benchmarks that print ratios, not pass/fail: run them by hand; the figures are in docs/engineering.md.
 
     python bench.py model     # training tokens/s, our Transformer vs transformers' GPTNeoXForCausalLM
     python bench.py flops     # training FLOP/s as a share of this machine's measured matmul peak

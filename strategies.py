@@ -523,9 +523,10 @@ class GradientProjection(Seq):
             super().__post_init__()
             try:
                 lo, hi = (int(s) for s in self.gp_window.split(","))
-                assert 0 <= lo < hi
-            except (ValueError, AssertionError):
-                raise ValueError(f"--gp-window {self.gp_window!r}: expected two steps like 10,50") from None
+            except ValueError:
+                lo = hi = -1
+            if not 0 <= lo < hi:
+                raise ValueError(f"--gp-window {self.gp_window!r}: expected two steps like 10,50")
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -601,8 +602,7 @@ class TaskVector(Seq):
         tv_alphas: str = hp("0.1,0.2,0.3,0.5,0.7,1", "taskvector: the alphas to try")
         tv_min_new: float = hp(0.95, "taskvector: the chosen point must keep the new task's exact match >= this",
                                share())
-        # The grid's saved models. Added after runs were cached: in the cache key only when changed (runs.stage_dir),
-        # so that those runs keep their keys.
+        # The grid's saved models: in the cache key only when changed from these defaults (runs.stage_dir).
         tv_last: int = hp(3, "taskvector: models e to move back: the last this many saved (which know the new task)",
                           at_least(1), keyed_when_changed=True)
         tv_stride: int = hp(2, "taskvector: models E whose vector is taken out: every this many saved, from the first",
@@ -612,9 +612,10 @@ class TaskVector(Seq):
             super().__post_init__()
             try:
                 alphas = [float(a) for a in self.tv_alphas.split(",")]
-                assert alphas and all(math.isfinite(a) and a >= 0 for a in alphas)
-            except (ValueError, AssertionError):
-                raise ValueError(f"--tv-alphas {self.tv_alphas!r}: expected numbers >= 0 like 0.1,0.5,1") from None
+            except ValueError:
+                alphas = [-1.0]
+            if not all(math.isfinite(a) and a >= 0 for a in alphas):
+                raise ValueError(f"--tv-alphas {self.tv_alphas!r}: expected numbers >= 0 like 0.1,0.5,1")
 
     def __init__(self, config=None):
         super().__init__(config)

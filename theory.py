@@ -175,8 +175,8 @@ def prop_4_7_whole_network(net, delta=None):
     however deep m sits. So the shift stays nearly orthogonal to the principal components at every depth.
     Proof: by the identity, D_l = sum_m (I + R_m) T_m with T_m = (I - P_{m-1}) T_m and R_m = A~_l ... A~_{m+1}
     - I, ||R_m||_2 <= (1+delta+eps)^(l-m) - 1 by (a); P_l (I + R_m) T_m = (P_l - P_{m-1}) T_m + P_l R_m T_m.
-    (An earlier version went through P_0, ||P_l - P_{m-1}|| <= 2 w(beta_l), a constant that grows with the
-    depth l whatever is frozen; going directly from X_{m-1} to X_l removes that.)
+    (Going directly from X_{m-1} to X_l, not through P_0, avoids a term ||P_l - P_{m-1}|| <= 2 w(beta_l) that
+    grows with the depth l whatever is frozen.)
     delta: the weight size the premise claims (default: the configuration's).
     Returns (measured ||P_l D_l||_F / S_l, bound / S_l), S_l = sum_m ||T_m||_F, at the layer where their
     ratio is largest."""

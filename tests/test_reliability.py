@@ -119,7 +119,7 @@ def test_a_config_built_in_python_has_the_cache_key_of_the_same_flags():
 @pytest.mark.slow
 def test_kills_at_random_moments_lose_nothing():
     """SIGKILL at random moments of every stage, then --resume: bit-identical to an uninterrupted run.
-    (A few kills here; `python tests/kill_resume.py --kills 20` for the README's count.)"""
+    (A few kills here; `python tests/kill_resume.py --kills 20` for the count in docs/engineering.md.)"""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "kill_resume.py"), "--kills", "4"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

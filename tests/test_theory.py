@@ -237,7 +237,7 @@ def trained(tmp_path_factory):
 def test_trained_updates_against_proposition_4_6(trained):
     """4.6's bound holds on every real update (it is a theorem), but its premise does not: Task 1's updates
     act *more* on the principal directions of what a layer reads than r random directions would (rho above
-    rho_random), so the bound says little (> 1). Documented in the README."""
+    rho_random), so the bound says little (> 1). Documented in docs/theory.md."""
     _, _, before, after, idx, mask = trained
     rng = np.random.default_rng(0)
     rhos, randoms = [], []

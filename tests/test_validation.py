@@ -44,6 +44,9 @@ KNOWN_BAD = [
     ["--ft-lr", "inf"], ["--strategy", "lamol", "--lamol-gen-weight", "nan"], ["--ft-lr", "nan"],
     ["--pretrain-lr", "nan"], ["--recover-fraction", "nan"], ["--context", "3"], ["--d-model", "7", "--n-head", "4"],
     ["--early-stop", "1.5"], ["--early-stop", "-0.1"], ["--early-stop", "nan"], ["--strategy", "ewc", "--ewc-lambda", "nan"],
+    # strings parsed into numbers: checked with `if`, not `assert` (which python -O removes)
+    ["--strategy", "gradproj", "--gp-window", "5,5"], ["--strategy", "gradproj", "--gp-window", "1,2,3"],
+    ["--strategy", "taskvector", "--tv-alphas", "-1"], ["--strategy", "taskvector", "--tv-alphas", "nan"],
 ]
 
 
@@ -125,7 +128,7 @@ def test_a_strategy_config_built_in_python_is_checked_like_the_flags(owner, name
 
 
 @pytest.mark.parametrize("flags,names", [
-    (["--resolution", "1"], "--resolution"), (["--resolution", "x"], "--resolution"), (["--prompts", "1"], "--prompts"),
+    (["--resolution", "1"], "--resolution"), (["--resolution", "0"], "--resolution"), (["--resolution", "x"], "--resolution"), (["--prompts", "1"], "--prompts"),
     (["--prompts", "-3"], "--prompts"), (["--run", "no/such/run"], "--run"), (["--out", "FILE"], "--out"),
     (["--ft-lr", "nan"], "--ft-lr"), (["--context", "3"], "--context"),  # train.py's flags, as analysis.py takes them
 ])
