@@ -389,9 +389,10 @@ def whole(minimum):
     def parse(text):
         try:
             value = int(text)
-            assert value >= minimum
-        except (ValueError, AssertionError):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {minimum}") from None
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {minimum}")
         return value
     return parse
 

@@ -492,9 +492,11 @@ def read_safetensors_header(path):
         for name, info in header.items():
             try:
                 dtype, shape, (begin, end) = DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
-                assert all(isinstance(v, int) and v >= 0 for v in [*shape, begin, end])
-            except (KeyError, TypeError, ValueError, AssertionError):
-                raise ValueError(f"{path}: tensor '{name}' has a malformed entry {info!r}") from None
+                well_formed = all(isinstance(v, int) and v >= 0 for v in [*shape, begin, end])
+            except (KeyError, TypeError, ValueError):
+                well_formed = False
+            if not well_formed:
+                raise ValueError(f"{path}: tensor '{name}' has a malformed entry {info!r}")
             if dtype is None:
                 raise ValueError(f"{path}: tensor '{name}' has unknown dtype {info['dtype']!r}")
             if not begin <= end <= data_size:
@@ -620,9 +622,11 @@ def checkpoint_files(path):
     try:
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
-        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-        raise ValueError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> shard file") from None
+        well_formed = isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        well_formed = False
+    if not well_formed:
+        raise ValueError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> shard file")
     files = {}
     for shard in sorted(set(weight_map.values())):
         if os.path.basename(shard) != shard or shard in ("", ".", ".."):
@@ -655,9 +659,10 @@ def load_pretrained(cls, path, dtype=torch.float32):
     try:
         with open(config_path) as f:
             hf = json.load(f)
-        assert isinstance(hf, dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
-        raise ValueError(f"{config_path}: not a JSON object") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        hf = None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path}: not a JSON object")
     try:
         cfg = config_from_hf(hf, config_path)
     except KeyError as e:

@@ -224,6 +224,12 @@ def build_stage(cfg, name, build, resume, prev_dir=None):
     return out
 
 
+def check_resumable(cfg):
+    """--resume needs something to resume: at least the first stage's directory for these settings."""
+    if not os.path.exists(stage_dir(cfg, "pretrain")[0]):
+        raise UserError(f"--resume: nothing to resume under {os.path.join(cfg.runs, cfg.preset)} for these settings")
+
+
 def is_complete(out):
     return os.path.exists(os.path.join(out, "summary.json"))
 
@@ -235,6 +241,21 @@ def saved_checkpoints(run_dir):
         return {}
     return {int(name[5:]): os.path.join(ckpt_dir, name) for name in sorted(os.listdir(ckpt_dir))
             if not name.endswith(".tmp")}
+
+
+def recovery_checkpoints(cfg):
+    """What the recovery probe fine-tunes, as (Task 1's directory, its steps, [(name, checkpoint, Task-1 step or
+    None)]): the pretrained and Task-0 models (in that order: they give the ceiling), Task 1's saved steps but step
+    0 (the Task-0 model again) and Task 1's end."""
+    task1_dir = stage_dir(cfg, "task1")[0]
+    task1_steps = read_json(os.path.join(task1_dir, "final", "training_state.json"))["step"]
+    saved = saved_checkpoints(task1_dir)
+    probes = [("pretrained", os.path.join(stage_dir(cfg, "pretrain")[0], "final"), None),
+              ("task0", os.path.join(stage_dir(cfg, "task0")[0], "final"), None)]
+    probes += [(os.path.basename(path), path, step) for step, path in saved.items() if step != 0]
+    if task1_steps not in saved:  # Task 1 may have ended on a saved step
+        probes.append(("final", os.path.join(task1_dir, "final"), task1_steps))
+    return task1_dir, task1_steps, probes
 
 
 STAGE_KINDS = ("pretrain", "task0", "task", "recover")  # in the order they run; task = any of Tasks 1..K
@@ -262,8 +283,8 @@ def stage_dir(cfg, stage):
 
 
 def strategy_key(config):
-    """A strategy's settings for the cache key: all of them, except those added after runs were cached, which
-    count only when changed (so that those runs keep their keys)."""
+    """A strategy's settings for the cache key: all of them, except those marked keyed_when_changed, which count
+    only when they differ from their defaults (so that a key stays the same when such a setting is added)."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
             if not (f.metadata.get("keyed_when_changed") and getattr(config, f.name) == f.default)}
 
@@ -385,8 +406,8 @@ def precision(cfg, device_type):
     return "bf16" if native_bf16(device_type) else "fp32"
 
 
-# The cache key's entry per (device, precision). fp32 on a CPU adds none and bf16 on a GPU the entry it always
-# had, so that stages made before --precision existed keep their keys.
+# The cache key's entry per (device, precision): fp32 on a CPU adds none and bf16 on a GPU "bf16 autocast", the
+# default on each, so that a default run's key does not depend on whether --precision is given.
 PRECISION_KEYS = {("cpu", "fp32"): None, ("cuda", "bf16"): "bf16 autocast",
                   ("cpu", "bf16"): "bf16 autocast on cpu", ("cuda", "fp32"): "fp32 on cuda"}
 
@@ -457,7 +478,7 @@ def keep_freed_memory():
     Every step frees and reallocates the same few-megabyte activation buffers. By default glibc serves the
     largest with fresh pages from the kernel and hands freed memory back, so the next step faults every 4 KB
     page in again: two pretraining epochs of the cpu preset took 2.3-3.2 million page faults, 0.4-0.5 million
-    with these settings (README, "Speed"). The arithmetic and its bits stay the same; only the faults go.
+    with these settings (docs/engineering.md, "Speed"). The arithmetic and its bits stay the same; only the faults go.
     """
     if platform.libc_ver()[0] != "glibc":
         return
@@ -537,6 +558,25 @@ def add_flags(parser, fields, default_note):
     for f in fields:
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
                             help=f"{f.metadata['help']} ({default_note}: {f.default})")
+
+
+def parse_flags(parser, argv, groups):
+    """Parse argv with add_flags' --flags for each (title, dataclass fields, default note) group (title None: the
+    parser's own section); returns (args, one {field name: value} per group, of the flags given)."""
+    for title, fields, default_note in groups:
+        add_flags(parser if title is None else parser.add_argument_group(title), fields, default_note)
+    args = parser.parse_args(argv)
+    return args, [{f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+                  for _, fields, _ in groups]
+
+
+@contextlib.contextmanager
+def flag_error(flags):
+    """A check of `flags` that fails (a ValueError) fails as one ValueError that names them."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{flags}: {e}") from None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -6,13 +6,12 @@
     python train.py --stage freeze-sweep              # Task 1 with k = 0..4 bottom blocks frozen, and SEQ
     python train.py --stage table                     # every method of the paper's Table 1 (strategies.py)
 
-Stages, in order: pretrain (biographies, from scratch) -> task0 (QA of half the people; tested on the
-other half: knowledge *extraction*) -> task1..taskK (QA of new people) -> recover (the probe: the
-pretrained, Task-0 and saved Task-1 checkpoints, each fine-tuned briefly on the Task-0 training QA and
-tested on the Task-0 test people). Every fine-tuning stage uses one learning rate, as the paper does.
-Asking for a stage runs every missing earlier one. Each stage lives in runs/<preset>/<stage>-<hash>/,
-where the hash covers every setting that shaped it, so a change of settings makes a new directory and
-never reuses an old result. A stage is complete once its summary.json exists.
+Stages, in order: pretrain (biographies, from scratch) -> task0 (QA of half the people; tested on the other half:
+knowledge *extraction*) -> task1..taskK (QA of new people) -> recover (the probe: the pretrained, Task-0 and saved
+Task-1 checkpoints, each fine-tuned briefly on the Task-0 training QA and tested on the Task-0 test people). Every
+fine-tuning stage uses one learning rate, as the paper does. Asking for a stage runs every missing earlier one.
+Each stage lives in runs/<preset>/<stage>-<hash>/, where the hash covers every setting that shaped it, so a change
+of settings makes a new directory and never reuses an old result. A stage is complete once its summary.json exists.
 
 This file is the experiment, in the order it runs. Its plumbing (files, the stage cache, several processes,
 the run lock) is runs.py; the printed report and the commands over several runs are report.py.
@@ -52,18 +51,16 @@ POSITIVE = (lambda v: v > 0), "a number > 0"
 
 @dataclass
 class TrainConfig:
-    preset: str = arg("cpu", "named settings (PRESETS below): tiny (CI, seconds), cpu (a laptop, minutes), deep (the"
-                             " 8-block freeze sweep), paper (GPUs)")
+    preset: str = arg("cpu", "named settings (PRESETS): tiny (CI), cpu (a laptop), deep (8-block freeze sweep), paper"
+                             " (GPUs)")
     seed: int = arg(0, "seed of the data, the initial weights and the batch order", at_least(0), "pretrain")
     # data (the cpu preset's sizes are data.DataConfig's defaults)
     people: int = arg(data.DataConfig.n_people, "pretraining population P; Task 0 trains on the first half, tests on"
                       " the second", at_least(2), "pretrain")
     task_size: int = arg(data.DataConfig.task_size, "new people in each of Tasks 1..K", at_least(1), "pretrain")
-    n_tasks: int = arg(data.DataConfig.n_tasks, "K, the number of new-people tasks after Task 0", at_least(1),
-                       "pretrain")
-    name_pools: str = arg(",".join(map(str, data.DataConfig.name_pools)), "how many first,middle,last names the"
-                          " population draws from (scaled so that every name is shared by ~20+ people; the paper:"
-                          " 400,400,1000)", stage="pretrain")
+    n_tasks: int = arg(data.DataConfig.n_tasks, "K: new-people tasks after Task 0", at_least(1), "pretrain")
+    name_pools: str = arg(",".join(map(str, data.DataConfig.name_pools)), "how many first,middle,last names there"
+                          " are (scaled so ~20+ people share each; the paper: 400,400,1000)", stage="pretrain")
     # model: GPT-NeoX shape (rotary on a quarter of each head, parallel residual, untied embeddings)
     n_layer: int = arg(4, "transformer blocks", at_least(1), "pretrain")
     d_model: int = arg(128, "residual stream width", at_least(1), "pretrain")
@@ -77,17 +74,14 @@ class TrainConfig:
     pretrain_min_lr: float = arg(5e-4, "cosine floor of the pretraining learning rate", at_least(0), "pretrain")
     pretrain_warmup: int = arg(100, "linear warm-up steps", at_least(0), "pretrain")
     pretrain_wd: float = arg(0.1, "pretraining weight decay", at_least(0), "pretrain")
-    eval_subset: int = arg(600, "QA pairs per set for the frequent evaluations (the end of a task, and the current"
-                           " task under --early-stop, use all; the memorisation probe uses as many biography"
-                           " sentences)", at_least(1), "pretrain")
+    eval_subset: int = arg(600, "QA pairs per set at frequent evaluations (a task's end, and the current task under"
+                           " --early-stop, use all; the memorisation probe: as many sentences)", at_least(1), "pretrain")
     # fine-tuning on QA (loss on the answer and EOS only)
-    ft_batch: int = arg(48, "QA pairs per fine-tuning step (replay fills half of it with old pairs)", at_least(2),
-                        "task0")
+    ft_batch: int = arg(48, "QA pairs per fine-tuning step (replay: half of them old)", at_least(2), "task0")
     ft_wd: float = arg(0.01, "fine-tuning weight decay", at_least(0), "task0")
     ft_lr: float = arg(1e-4, "learning rate of every fine-tuning stage: Task 0, Tasks 1..K and the recovery probe"
                        " (constant; the paper uses one lr, 5e-6, for all of them)", POSITIVE, "task0")
-    task0_epochs: int = arg(7, "passes over the Task-0 QA pairs (the paper: 10; ours peaks at 7, then overfits)",
-                            at_least(1), "task0")
+    task0_epochs: int = arg(7, "passes over Task 0's QA (the paper: 10; ours peaks at 7)", at_least(1), "task0")
     # the new tasks, through a continual-learning strategy (strategies.py; its own settings are flags too)
     strategy: str = arg("seq", f"one of {', '.join(STRATEGIES)}", one_of(*STRATEGIES))
     strategy_args: dict = field(default_factory=dict, metadata={"help": "strategy hyper-parameters by field name"})
@@ -95,24 +89,21 @@ class TrainConfig:
                            " paper: 25, and 50 for its freeze runs)", at_least(1), "task")
     early_stop: float = arg(0.99, "stop a task once its exact match reaches this (0 = never); the paper's table stops"
                             " at 0.99, its dense curves train to the end", share(), "task")
-    checkpoint_steps: str = arg("10,20,50,100,150,200", "Task-1 steps to save and probe (the end is always saved;"
-                                " step 0 is the Task-0 model, probed anyway); the paper probed every 5 steps to"
-                                " 200: --checkpoint-steps $(seq -s, 5 5 200)", stage="task")
+    checkpoint_steps: str = arg("10,20,50,100,150,200", "Task-1 steps to save and probe (and the end; step 0 is Task"
+                                " 0's model, probed anyway); the paper's: $(seq -s, 5 5 200)", stage="task")
     dense_every: int = arg(5, "evaluate Task 0 every this many steps early in a new task ...", at_least(1), "task")
     dense_until: int = arg(200, "... up to this step ...", at_least(0), "task")
-    sparse_every: int = arg(50, "... and every this many steps after; the new task itself (all its pairs, for"
-                            " early stopping) at these steps throughout", at_least(1), "task")
+    sparse_every: int = arg(50, "... and every this many after; the new task (all its pairs) at these steps",
+                            at_least(1), "task")
     # recovery probe: fine-tune a copy on the QA of all Task-0 training people, test on the Task-0 test people
-    recover_fraction: float = arg(0.1, "recovery-probe length as a share of the Task-1 run's steps (the paper: 1"
-                                  " epoch of Task-0 QA, 6,250 steps, against Task 1's 62,500)", share(low_open=True),
-                                  "recover")
+    recover_fraction: float = arg(0.1, "recovery-probe steps as a share of Task 1's (the paper: 1 epoch of Task-0"
+                                  " QA, 6,250 steps, against 62,500)", share(low_open=True), "recover")
     # how the run is kept (none of these changes a result)
     state_every: int = arg(50, "save a resumable training state every this many steps", at_least(1))
     runs: str = arg("runs", "directory where stages are cached", ((lambda v: v != ""), "a directory"))
-    precision: str = arg("auto", "matrix products in bf16 autocast (weights, gradients, optimizer and loss stay"
-                                 " fp32) or fp32; auto: bf16 on a GPU and on CPUs with native bf16 (AVX512-BF16"
-                                 " or AMX), fp32 elsewhere. Part of the cache key when not fp32 on a CPU",
-                     one_of("auto", "bf16", "fp32"))
+    precision: str = arg("auto", "matrix products in bf16 autocast (all else stays fp32) or fp32; auto: bf16 on a GPU"
+                         " and on CPUs with AVX512-BF16 or AMX. Part of the cache key unless fp32 on a CPU",
+                         one_of("auto", "bf16", "fp32"))
 
     def __post_init__(self):
         """Check every setting (strategies.check_settings: types, finite numbers, ranges), then how they fit
@@ -120,30 +111,25 @@ class TrainConfig:
         check_settings(self)
         try:
             steps = sorted({int(s) for s in self.checkpoint_steps.split(",")})
-            assert steps[0] >= 0
-        except (ValueError, AssertionError):
-            raise ValueError(f"--checkpoint-steps {self.checkpoint_steps!r}: expected step numbers like 0,10,20") from None
+        except ValueError:
+            steps = [-1]
+        if steps[0] < 0:
+            raise ValueError(f"--checkpoint-steps {self.checkpoint_steps!r}: expected step numbers like 0,10,20")
         self.checkpoint_steps = ",".join(map(str, steps))  # one cache key however the steps were listed
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r}: expected one of {', '.join(PRESETS)}")
-        try:
+        with runs.flag_error(f"--name-pools {self.name_pools!r}"):
             data_config(self)
-        except ValueError as e:
-            raise ValueError(f"--name-pools {self.name_pools!r}: {e}") from None
-        try:
-            assert self.d_model % self.n_head == 0, "expected a number of heads that divides the width"
+        with runs.flag_error(f"--d-model {self.d_model} --n-head {self.n_head}"):
+            if self.d_model % self.n_head:
+                raise ValueError("expected a number of heads that divides the width")
             model_config(self, vocab_size=data.token_limits(data_config(self).name_pools)["vocab_size"])
-        except (AssertionError, ValueError) as e:
-            raise ValueError(f"--d-model {self.d_model} --n-head {self.n_head}: {e}") from None
-        try:
+        with runs.flag_error(f"--context {self.context}"):
             data.check_context(self.context, data_config(self))
-        except ValueError as e:
-            raise ValueError(f"--context {self.context}: {e}") from None
         check_strategy_args(self.strategy_args, n_layer=self.n_layer, n_tasks=self.n_tasks)
 
 
-# Every preset, in one table: what differs from the defaults above (the cpu preset), data sizes and
-# strategy settings included.
+# Every preset, in one table: what differs from the defaults above (the cpu preset), strategy settings included.
 PRESETS = {
     "tiny": dict(people=50, task_size=25, n_tasks=2, name_pools="5,5,5",
                  n_layer=2, d_model=32, n_head=2, d_ff=64, context=64,
@@ -152,9 +138,8 @@ PRESETS = {
                  dense_until=6, sparse_every=4, state_every=3,
                  strategy_args=dict(gp_window="1,3", gp_runs=2, tv_every=1)),
     "cpu": dict(),
-    # A thin model twice as deep as cpu's, for the freeze sweep over k = 0..8 (paper Fig. 7a) in <= 30 min:
-    # 3/5 of the cpu population, and one fine-tuning lr of 2e-4 for all its stages (at 1e-4 a thin deep
-    # model had not learnt Task 1 to 0.99 in 60 epochs).
+    # A thin model twice as deep as cpu's, for the freeze sweep over k = 0..8 (paper Fig. 7a) in <= 30 min: 3/5 of
+    # the cpu population; fine-tuning lr 2e-4 (at 1e-4 it had not learnt Task 1 to 0.99 in 60 epochs).
     "deep": dict(people=300, task_size=120, name_pools="15,15,20",
                  n_layer=8, d_model=96, n_head=4, d_ff=384, pretrain_epochs=20, ft_lr=2e-4, dense_until=0),
     # The paper's scale and name pools (Pythia-160M shape, 100K + 5 x 20K people).
@@ -177,9 +162,10 @@ def preset_config(name, **settings):
 def data_config(cfg):
     try:
         pools = tuple(int(n) for n in cfg.name_pools.split(","))
-        assert len(pools) == 3
-    except (ValueError, AssertionError):
-        raise ValueError("expected three numbers like 25,25,35") from None
+    except ValueError:
+        pools = ()
+    if len(pools) != 3:
+        raise ValueError("expected three numbers like 25,25,35")
     return data.DataConfig(n_people=cfg.people, task_size=cfg.task_size, n_tasks=cfg.n_tasks, seed=cfg.seed,
                            name_pools=pools)
 
@@ -191,7 +177,6 @@ def model_config(cfg, vocab_size):
 
 # -----------------------------------------------------------------------------------------------
 # Data on the device: QA sets as tensors (data.QASet), and the batches of an epoch
-
 
 def qa_batches(qa: QASet, batch_size, rng):
     """One epoch of (inputs, targets, loss_mask) batches in a seeded random order."""
@@ -253,22 +238,18 @@ class Experiment:
         qa.prompts = [p[-c.context:] for p in qa.prompts]  # a long biography keeps its last `context` tokens
         return lambda model: evaluate(model, qa, self.tok, exact_match=False)
 
+
 # -----------------------------------------------------------------------------------------------
 # Evaluation and continual-learning metrics
-
 
 @torch.no_grad()
 def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=1024):
     """First-token accuracy at the answer position, hard (argmax) and soft (probability), and exact match
     (greedy decoding must give the answer, then EOS); each per attribute, then averaged over attributes.
-
-    Exact match needs no decoding loop: greedy decoding writes the answer exactly when, fed the answer's
-    own prefix, the model's argmax is the next answer token at every answer position, EOS included. So one
-    causal pass over the set's token rows (prompt + answer + EOS, qa.tokens), read at those positions,
-    decides it; right padding after a row cannot change what its earlier positions see. Without
-    exact_match the pass covers qa.prompts, which a caller may have shortened (the memorisation probe),
-    and reads the first answer position only.
-    """
+    Exact match needs no decoding loop: greedy decoding writes the answer exactly when, fed the answer's own
+    prefix, the argmax is the next answer token at every answer position, EOS included. So one causal pass over
+    the set's rows (prompt + answer + EOS; right padding cannot change earlier positions) decides it. Without
+    exact_match the pass covers qa.prompts (the memorisation probe shortens them) up to the first answer token."""
     was_training = model.training
     model.eval()
     per_sample = {"first_token": [], "first_token_prob": []} | ({"em": []} if exact_match else {})
@@ -304,7 +285,6 @@ def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=1024):
 # -----------------------------------------------------------------------------------------------
 # The training loop, shared by every stage
 
-
 @dataclass
 class Phase:
     """How one stage trains: its data, schedule, strategy hooks, evaluations and checkpoints."""
@@ -338,9 +318,8 @@ def lr_at(step, phase):
 
 
 def train_loop(model, phase: Phase, out, cfg, tok, resume, meter):
-    """Train one stage into `out`; returns (steps taken, stopped early?). Parameters with requires_grad
-    False (a frozen strategy's) stay out of the optimizer, and so bit-identical. `meter` adds up where the
-    time goes and the FLOPs done."""
+    """Train one stage into `out`; returns (steps taken, stopped early?). Frozen parameters (requires_grad False)
+    stay out of the optimizer, and so bit-identical. `meter` adds up where the time goes and the FLOPs done."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=phase.lr, weight_decay=phase.weight_decay)
     strategy, ctx = phase.strategy, phase.ctx
@@ -406,9 +385,8 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume, meter):
 
 
 def train_step(model, opt, params, batch, strategy, ctx, weight=None, bf16=False):
-    """One optimizer step on batch = (inputs, targets, loss_mask); returns the loss. With bf16 the matrix
-    products run in bf16 under autocast (weights, gradients and AdamW state stay fp32, and so does the loss:
-    model.forward takes the cross-entropy of fp32 logits). `weight` scales this rank's loss under DDP (see shard)."""
+    """One optimizer step on batch = (inputs, targets, loss_mask); returns the loss. bf16: matrix products under
+    autocast (all else fp32: the loss is fp32 logits' cross-entropy). `weight` scales this rank's loss (runs.shard)."""
     inputs, targets, mask = batch
     with runs.autocast(inputs.device.type, bf16):
         _, loss = model(inputs, targets, loss_mask=mask)
@@ -435,15 +413,15 @@ def fine_tuning_steps(model, qa, seed, cfg):
     preliminary runs some strategies make before a task (gradient projection)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=cfg.ft_lr, weight_decay=cfg.ft_wd)
+    bf16 = runs.precision(cfg, params[0].device.type) == "bf16"
     for epoch in itertools.count():
         for batch in qa_batches(qa, cfg.ft_batch, np.random.default_rng([*seed, epoch])):
-            train_step(model, opt, params, batch, strategy=Seq(), ctx=None,
-                       bf16=runs.precision(cfg, params[0].device.type) == "bf16")
+            train_step(model, opt, params, batch, strategy=Seq(), ctx=None, bf16=bf16)
             yield
+
 
 # -----------------------------------------------------------------------------------------------
 # The stages: pretrain -> Task 0 -> Tasks 1..K -> the recovery probe, each cached in its own directory
-
 
 def pretrain(exp, stage):
     """Pretraining from scratch on the biographies of every pretraining person: the knowledge."""
@@ -516,23 +494,14 @@ def task(exp, stage, k):
 
 
 def recover(exp, stage):
-    """The recovery probe (the paper's): a copy of a checkpoint is fine-tuned on the QA of *all* Task-0
-    training people, at the fine-tuning lr, for a tenth of the Task-1 run's steps; then exact match on
-    the Task-0 *test* people, whose QA no stage ever trained. If their accuracy comes back, the
-    knowledge was still in the weights and only the task alignment was lost. The pretrained and
-    Task-0 checkpoints, probed the same way, give the ceiling: what the probe finds before any
-    forgetting."""
+    """The recovery probe (the paper's): a copy of a checkpoint is fine-tuned on the QA of *all* Task-0 training
+    people, at the fine-tuning lr, for a tenth of Task 1's steps; then exact match on the Task-0 *test* people,
+    whose QA no stage ever trained. If it comes back, the knowledge was still in the weights and only the task
+    alignment was lost. The pretrained and Task-0 checkpoints, probed alike, give the ceiling (no forgetting yet)."""
     c = exp.cfg
-    task1_dir = runs.stage_dir(c, "task1")[0]
+    task1_dir, task1_steps, probes = runs.recovery_checkpoints(c)  # pretrained, Task 0, Task 1's saved steps and end
     train_qa, test = exp.qa_set("task0_train"), exp.eval_fn("task0_test", full=True)
-    task1_steps = runs.read_json(os.path.join(task1_dir, "final", "training_state.json"))["step"]
     probe_steps = max(1, round(c.recover_fraction * task1_steps))
-    saved = runs.saved_checkpoints(task1_dir)
-    probes = [("pretrained", os.path.join(runs.stage_dir(c, "pretrain")[0], "final"), None),
-              ("task0", os.path.join(runs.stage_dir(c, "task0")[0], "final"), None)]
-    probes += [(os.path.basename(path), path, step) for step, path in saved.items() if step != 0]
-    if task1_steps not in saved:  # Task 1 may have ended on a saved step
-        probes.append(("final", os.path.join(task1_dir, "final"), task1_steps))
     print(f"  probing {len(probes)} checkpoints, {probe_steps} steps each ({c.recover_fraction:g} of Task 1's"
           f" {task1_steps})")
     rows = []
@@ -587,7 +556,6 @@ def run_protocol(cfg, until="recover", resume=False):
 # -----------------------------------------------------------------------------------------------
 # The command line
 
-
 def parse_args(argv):
     """The command line as (TrainConfig, stage, resume, seeds): the preset's settings, then the flags given."""
     parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -596,14 +564,11 @@ def parse_args(argv):
                              f" command of report.py over several runs: {', '.join(report.COMMANDS)}")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of --stage headline (default: 0,1,2)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted stages from their last saved state")
-    config_flags = [f for f in dataclasses.fields(TrainConfig) if f.name != "strategy_args"]
-    runs.add_flags(parser, config_flags, "cpu preset")
-    strategy_flags = config_fields()
-    runs.add_flags(parser.add_argument_group("strategy hyper-parameters (each applies to its own strategy)"),
-                   [f for _, f in strategy_flags.values()], "default")
-    args = parser.parse_args(argv)
-    flags = {f.name: getattr(args, f.name) for f in config_flags if getattr(args, f.name) is not None}
-    given = {name: getattr(args, name) for name in strategy_flags if getattr(args, name) is not None}
+    strategy_flags = config_fields()  # flag name -> (its strategy, its field)
+    args, (flags, given) = runs.parse_flags(parser, argv, [
+        (None, [f for f in dataclasses.fields(TrainConfig) if f.name != "strategy_args"], "cpu preset"),
+        ("strategy hyper-parameters (each applies to its own strategy)", [f for _, f in strategy_flags.values()],
+         "default")])
     preset = flags.pop("preset", "cpu")
     strategy = flags.get("strategy", TrainConfig.strategy)
     if args.stage not in report.COMMANDS:  # a single run: its flags must be its strategy's
@@ -631,9 +596,8 @@ def main(argv=None):
         run = functools.partial(run_protocol, resume=resume)
         if stage in report.COMMANDS:
             return report.COMMANDS[stage](cfg, run=run, seeds=seeds)
-        if resume and not os.path.exists(runs.stage_dir(cfg, "pretrain")[0]):
-            raise runs.UserError(f"--resume: nothing to resume under {os.path.join(cfg.runs, cfg.preset)} for these"
-                                 " settings")
+        if resume:
+            runs.check_resumable(cfg)
         out = run(cfg, until=stage)
         report.print_report(cfg)
         return out
