@@ -2,7 +2,7 @@
 
     python bench.py model     # training tokens/s, our Transformer vs transformers' GPTNeoXForCausalLM
     python bench.py flops     # training FLOP/s as a share of this machine's measured matmul peak
-    python bench.py eval      # exact-match evaluation (train.evaluate) and our generate vs transformers' generate
+    python bench.py eval      # exact-match evaluation (evaluation.evaluate) and our generate vs transformers' generate
     python bench.py run       # where the time of `python train.py` went (its summary.json files), and the
                               # whole run's useful training FLOPs / (wall clock x peak)
     python bench.py train --preset paper --steps 20   # tokens/s and MFU of real training steps on this
@@ -27,6 +27,7 @@ import torch
 import data
 import runs
 import train
+from evaluation import evaluate
 from model import Transformer, left_pad
 
 # The paper's run, in optimizer steps (paper-notes section 3): 80 pretraining epochs of 1,000 steps of
@@ -68,14 +69,14 @@ def matmul_peak(device, dtype, n=None):
 
 
 def train_dtype(device):
-    return torch.bfloat16 if runs.native_bf16(device.type) else torch.float32  # --precision auto's choice
+    return torch.bfloat16 if device.type == "cuda" else torch.float32  # --precision auto's choice (runs.precision)
 
 
 def step_fn(model, batch):
     """One training step as train.py takes it (train.train_step, its AdamW); returns a closure."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = train.make_optimizer(params, lr=1e-4, weight_decay=0.01)
-    bf16 = runs.native_bf16(batch[0].device.type)
+    bf16 = batch[0].device.type == "cuda"  # --precision auto's choice
     return lambda: train.train_step(model, opt, params, batch, strategy=train.Seq(), ctx=None, bf16=bf16)
 
 
@@ -101,7 +102,7 @@ def qa_batch(cfg, device):
     tok = data.build_tokenizer()
     bio = data.build_dataset(train.data_config(train.preset_config("cpu")), tok)
     qa = train.QASet.from_arrays(data.qa_arrays(bio, bio.splits["task0_train"], tok), device)
-    return train.qa_batches(qa, cfg.ft_batch, np.random.default_rng(0))[0]
+    return qa.epoch(cfg.ft_batch, np.random.default_rng(0))[0]
 
 
 def time_split(step, show=0):
@@ -177,7 +178,7 @@ def bench_train(args):
 
 
 def bench_eval(args):
-    """The cpu preset's Task-0 test prompts in one batch: exact match by train.evaluate (one teacher-forced pass),
+    """The cpu preset's Task-0 test prompts in one batch: exact match by evaluation.evaluate (one teacher-forced pass),
     and greedy decoding by our generate and by transformers' (same weights, same outputs)."""
     import transformers  # test-only dependency (requirements-dev.txt)
     cfg, ours = preset_model("cpu", torch.device("cpu"))
@@ -194,8 +195,8 @@ def bench_eval(args):
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
     idx, mask = left_pad(prompts, tok.pad_id)
 
-    def run_evaluate():  # what train.py runs: one teacher-forced pass decides exact match (train.evaluate)
-        train.evaluate(ours, qa.subset(range(len(prompts))), tok)
+    def run_evaluate():  # what train.py runs: one teacher-forced pass decides exact match (evaluation.evaluate)
+        evaluate(ours, qa.subset(range(len(prompts))), tok)
 
     def run_ours():
         return ours.generate(prompts, max_new, eos_id=tok.eos_id, pad_id=tok.pad_id)
@@ -212,7 +213,7 @@ def bench_eval(args):
     outputs = {"ours, KV-cache generate": run_ours(), "transformers generate": run_hf()}
     same = sum(a == b for a, b in zip(*outputs.values())) / len(prompts)
     print(f"greedy outputs identical on {same:.1%} of prompts")
-    runs = {"ours, train.evaluate": run_evaluate, "ours, KV-cache generate": run_ours,
+    runs = {"ours, evaluate": run_evaluate, "ours, KV-cache generate": run_ours,
             "transformers generate": run_hf}
     run_evaluate()  # the other two have run once above
     times = {name: [] for name in runs}
@@ -224,7 +225,7 @@ def bench_eval(args):
         print(f"{name:>24}: {seconds[name] * 1e3:8.1f} ms, {len(prompts) / seconds[name]:8.0f} QA pairs judged/s, "
               f"{page_faults_per_call(fn):8.0f} page faults")
     reference = seconds["transformers generate"]
-    print(f"speed-up over transformers generate: evaluate {reference / seconds['ours, train.evaluate']:.2f}x, "
+    print(f"speed-up over transformers generate: evaluate {reference / seconds['ours, evaluate']:.2f}x, "
           f"generate {reference / seconds['ours, KV-cache generate']:.2f}x  (target >= 2)")
 
 
@@ -290,7 +291,7 @@ def bench_precision(args):
 
 def evaluate_in(model, qa, tok, bf16):
     with runs.autocast("cpu", bf16):
-        return train.evaluate(model, qa, tok)
+        return evaluate(model, qa, tok)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

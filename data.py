@@ -629,6 +629,11 @@ class QASet:
         return QASet(self.tokens[idx_t], self.loss_mask[idx_t], self.answer_first[idx_t], self.attribute[idx_t],
                      [self.prompts[i] for i in idx], [self.answers[i] for i in idx])
 
+    def epoch(self, batch_size, rng):
+        """One epoch of training batches (batch), the rows in a seeded random order."""
+        order = rng.permutation(len(self))
+        return [self.batch(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
+
     def batch(self, idx):
         """The rows idx as one training batch (inputs, targets, loss_mask), trimmed of padding columns."""
         idx = torch.as_tensor(idx, device=self.tokens.device)

@@ -391,7 +391,7 @@ class Transformer(nn.Module):
 
         Prompts are left-padded so they all end at the same column. Returns one list of new tokens per
         prompt, ending with eos_id where the model produced it. (Exact-match evaluation needs no decoding:
-        see train.evaluate.)
+        see evaluation.evaluate.)
         """
         device = self.embed.weight.device
         idx, mask = left_pad(prompts, pad_id, device)

@@ -48,6 +48,18 @@ def cl_metrics(R):
             "backward_transfer": float(np.mean([R[-1][j] - R[j][j] for j in old])) if T > 1 else 0.0}
 
 
+def first_reach(curve, level):
+    """The first evaluation of a task's metrics at which the task itself (its 'current' exact match) reached
+    `level`, or None: where the authors' freeze runs stop, and the first of the two points read from a run that
+    trains its whole budget."""
+    return next((r for r in curve if "current" in r and r["current"]["em"] >= level), None)
+
+
+def task0_at(curve, step):
+    """Task-0 exact match (fixed subset) at the last evaluation at or before `step`."""
+    return [r["task0"]["em"] for r in curve if r["step"] <= step and "task0" in r][-1]
+
+
 def related_runs(cfg, stage):
     """Completed runs of `stage` (any strategy) that share this configuration's pretraining and Task 0."""
     shared, _ = runs.stage_dir(cfg, "task0")
@@ -140,13 +152,12 @@ def save_figure(fig, path):
 # Over seeds and over frozen depths: the headline table and the freeze sweep (paper Fig. 7a)
 
 
-def headline_numbers(seq_cfg, freeze_cfg):
-    """One seed's row of the headline table, read from its finished SEQ, recovery and freeze runs."""
+def seq_numbers(seq_cfg):
+    """The findings of one finished SEQ run with its recovery probe: extraction, collapse, end, recovery."""
     task0 = runs.read_json(os.path.join(runs.stage_dir(seq_cfg, "task0")[0], "summary.json"))
     seq_dir = runs.stage_dir(seq_cfg, "task1")[0]
     seq, curve = runs.read_json(os.path.join(seq_dir, "summary.json")), runs.read_metrics(seq_dir)
     rec = runs.read_json(os.path.join(runs.stage_dir(seq_cfg, "recover")[0], "summary.json"))
-    freeze = runs.read_json(os.path.join(runs.stage_dir(freeze_cfg, "task1")[0], "summary.json"))
     probed = [r for r in rec["rows"] if r["task1_step"] is not None]
     early = [r for r in probed if 0 < r["task1_step"] <= 150]
     return {
@@ -156,9 +167,15 @@ def headline_numbers(seq_cfg, freeze_cfg):
         "seq_steps": seq["steps"], "probe_ceiling": rec["ceiling"],
         "recovered_share_early": float(np.mean([r["recovered_share"] for r in early])),
         "recovered_share_end": probed[-1]["recovered_share"],
-        "freeze_task0_end": freeze["results"]["task0"]["em"], "freeze_task1_end": freeze["results"]["task1"]["em"],
-        "freeze_steps": freeze["steps"],
     }
+
+
+def headline_numbers(seq_cfg, freeze_cfg):
+    """One seed's row of the headline table, read from its finished SEQ, recovery and freeze runs."""
+    freeze = runs.read_json(os.path.join(runs.stage_dir(freeze_cfg, "task1")[0], "summary.json"))
+    return seq_numbers(seq_cfg) | {
+        "freeze_task0_end": freeze["results"]["task0"]["em"], "freeze_task1_end": freeze["results"]["task1"]["em"],
+        "freeze_steps": freeze["steps"]}
 
 
 def headline(cfg, run, seeds):
@@ -254,8 +271,11 @@ TABLE = [
     ("Gradient projection (the authors' rule)", "gradproj", {}, "gradproj"),
     ("Replay 10%", "replay", {"replay_fraction": 0.1}, None),
     ("Replay 20%", "replay", {"replay_fraction": 0.2}, "replay0.2"),
+    ("Replay 20% with the authors' hidden freeze ('layers.1')", "replay",
+     {"replay_fraction": 0.2, "replay_hidden_freeze": "yes"}, "replay0.2"),
     ("Freeze the embedding + bottom blocks", "freeze", {}, "freeze"),
     ("Multi-task: Task 0 + Task 1 jointly (upper bound)", "multitask", {}, None),
+    ("Multi-task's control: Task 0 alone for as many steps", "multitask-control", {}, None),
 ]
 
 
@@ -267,16 +287,32 @@ def table(cfg, run, seeds=None):
         print(f"\n=== {label}")
         run_dir = run(run_cfg, "task1")
         summary = runs.read_json(os.path.join(run_dir, "summary.json"))
-        seconds = summary["seconds"]
-        if make_strategy(name, run_cfg.strategy_args).changes_task0:  # its own Task 0 counts too
-            seconds += runs.read_json(os.path.join(runs.stage_dir(run_cfg, "task0")[0], "summary.json"))["seconds"]
+        seconds, own_task0 = summary["seconds"], None
+        if make_strategy(name, run_cfg.strategy_args).changes_task0:  # its own Task 0: its time and its accuracy
+            task0 = runs.read_json(os.path.join(runs.stage_dir(run_cfg, "task0")[0], "summary.json"))
+            seconds, own_task0 = seconds + task0["seconds"], task0["results"]["task0"]["em"]
+        curve, level = runs.read_metrics(run_dir), cfg.early_stop or 0.99
+        reached = first_reach(curve, level)
         rows.append({"method": label, "strategy": summary["strategy"], "paper_task0": PAPER.get(paper, "-"),
                      "task0_em": summary["results"]["task0"]["em"], "task1_em": summary["results"]["task1"]["em"],
                      "steps": summary["steps"], "stopped_early": summary["stopped_early"], "seconds": seconds,
+                     "own_task0_em": own_task0, "reached_step": reached and reached["step"],
+                     "task0_em_at_reach": reached and reached["task0"]["em"],
                      "run": os.path.basename(run_dir), "strategy_state": summary["strategy_state"]})
-    lines = ["| method | paper: Task 0 (%) | Task 0 EM | Task 1 EM | steps | seconds |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['paper_task0']} | {r['task0_em']:.3f} | {r['task1_em']:.3f} | {r['steps']}"
-              f"{'' if r['stopped_early'] else ' (no early stop)'} | {r['seconds']:.0f} |" for r in rows]
+    multitask = next(r for r in rows if r["strategy"] == "multitask")
+    for r in rows:  # the control is read where multi-task ended: Task 0 after as many steps
+        if r["strategy"] == "multitask-control":
+            curve = runs.read_metrics(os.path.join(cfg.runs, cfg.preset, r["run"]))
+            r["task0_em_at_multitask_end"] = task0_at(curve, multitask["steps"])
+    lines = [f"| method | paper: Task 0 (%) | Task 0 EM | Task 1 EM | steps | first step with Task 1 >= {level:g}:"
+             " Task 0 there (subset) | seconds |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['paper_task0']} | {r['task0_em']:.3f}"
+              + (f" (own Task 0: {r['own_task0_em']:.3f})" if r["own_task0_em"] is not None else "")
+              + (f" ({r['task0_em_at_multitask_end']:.3f} at multi-task's end)" if "task0_em_at_multitask_end" in r
+                 else "")
+              + f" | {r['task1_em']:.3f} | {r['steps']}{'' if r['stopped_early'] else ' (no early stop)'} | "
+              + (f"{r['reached_step']}: {r['task0_em_at_reach']:.3f}" if r["reached_step"] is not None else "never")
+              + f" | {r['seconds']:.0f} |" for r in rows]
     text = "\n".join(lines)
     root = os.path.join(cfg.runs, cfg.preset)
     runs.write_json(os.path.join(root, "table.json"), {"rows": rows, "settings": dataclasses.asdict(cfg), **runs.environment()})

@@ -75,9 +75,10 @@ def read_metrics(run_dir):
     return read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
-def save_checkpoint(model, tok, path, info, strategy=None):
+def save_checkpoint(model, tok, path, info, strategy=None, optimizer=None):
     """An HF checkpoint directory plus tokenizer.json and training_state.json, appearing all at once; with
-    a strategy, also what it carries to the next task (strategy.safetensors + strategy.json)."""
+    a strategy, also what it carries to the next task (strategy.safetensors + strategy.json); with an optimizer,
+    its AdamW moments by parameter name (optimizer.safetensors), for a next task that carries them on."""
     if not DIST.main:
         return
     tmp = f"{path}.tmp"
@@ -90,6 +91,11 @@ def save_checkpoint(model, tok, path, info, strategy=None):
         write_safetensors(os.path.join(tmp, "strategy.safetensors"), {k: v.cpu().contiguous() for k, v in tensors.items()})
         write_json(os.path.join(tmp, "strategy.json"), {"strategy": strategy.name, "label": strategy.label(),
                                                        "meta": meta})
+    if optimizer is not None:
+        names = {p: name for name, p in model.named_parameters()}
+        write_safetensors(os.path.join(tmp, "optimizer.safetensors"),
+                          {f"{names[p]}.{k}": v.reshape(1).cpu() if v.dim() == 0 else v.cpu().contiguous()
+                           for p, moments in optimizer.state.items() for k, v in moments.items()})
     shutil.rmtree(path, ignore_errors=True)
     os.rename(tmp, path)
 
@@ -114,6 +120,30 @@ def load_strategy_state(strategy, checkpoint, device):
             strategy.load_state({k: v.to(device) for k, v in tensors.items()}, saved["meta"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read the strategy state in {checkpoint}: {e}") from None
+
+
+def load_moments(checkpoint):
+    """The AdamW moments a task left beside its checkpoint (save_checkpoint): {parameter name: {exp_avg, ...}}."""
+    path = os.path.join(checkpoint, "optimizer.safetensors")
+    try:
+        tensors = read_safetensors(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the optimizer moments {path} (--optimizer-scope sequence): {e}") from None
+    moments = {}
+    for key, v in tensors.items():
+        name, kind = key.rsplit(".", 1)
+        moments.setdefault(name, {})[kind] = v.reshape(()) if kind == "step" else v
+    return moments
+
+
+def set_moments(model, opt, moments):
+    """Start `opt` from saved moments (load_moments), for the parameters it trains."""
+    trained = {id(p) for group in opt.param_groups for p in group["params"]}
+    for name, p in model.named_parameters():
+        if id(p) in trained and name in moments:
+            # AdamW keeps its step count on the CPU, except the fused kind, which keeps it beside the parameter
+            opt.state[p] = {k: v.to(p.device) if k != "step" or opt.defaults.get("fused") else v.clone()
+                            for k, v in moments[name].items()}
 
 
 def save_state(model, opt, out, step, stopped):
@@ -263,12 +293,13 @@ STAGE_KINDS = ("pretrain", "task0", "task", "recover")  # in the order they run;
 
 def stage_dir(cfg, stage):
     """runs/<preset>/<stage>[-<strategy>]-<hash of every setting that shaped this stage and those before it>:
-    the TrainConfig fields whose metadata names this stage's kind or an earlier one, the vocabulary, the
-    precision where it is not a CPU's fp32, and the strategy with every one of its settings. Returns the
-    directory and those settings."""
+    the TrainConfig fields whose metadata names this stage's kind or an earlier one (those marked keyed_when_changed
+    only when not at their default), the vocabulary, the precision where it is not a CPU's fp32, and the strategy
+    with every one of its settings. Returns the directory and those settings."""
     kind = stage if stage in STAGE_KINDS else "task"
     earlier = STAGE_KINDS[:STAGE_KINDS.index(kind) + 1]
-    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("stage") in earlier}
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("stage") in earlier
+                and not (f.metadata.get("keyed_when_changed") and getattr(cfg, f.name) == f.default)}
     settings |= {"vocabulary": vocabulary_digest()}
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if PRECISION_KEYS[device_type, precision(cfg, device_type)]:  # other numbers: never another precision's stages
@@ -350,14 +381,14 @@ def shard(batch):
     """This rank's rows of a global batch, and the weight that makes DDP's mean of the ranks' mean losses the
     whole batch's mean loss: (this rank's loss tokens / the batch's) x ranks. Always a loss mask under DDP,
     so that a rank left with no rows (a batch smaller than the world) still gives a loss of 0."""
-    inputs, targets, mask = batch
+    inputs, targets, mask, *extra = batch  # extra: what a strategy adds per row (LAMOL's markers)
     if DIST.world == 1:
         return batch, None
     if mask is None:
         mask = torch.ones_like(targets, dtype=torch.bool)
     rows = slice(DIST.rank, None, DIST.world)
     share = mask[rows].sum() / mask.sum()
-    return (inputs[rows], targets[rows], mask[rows]), share * DIST.world
+    return (inputs[rows], targets[rows], mask[rows], *(e[rows] for e in extra)), share * DIST.world
 
 
 def mean_over_ranks(loss, weight):
@@ -400,10 +431,12 @@ def native_bf16(device_type):
 
 
 def precision(cfg, device_type):
-    """'bf16' or 'fp32': what --precision asks for, auto resolved for this device."""
+    """'bf16' or 'fp32': what --precision asks for, auto resolved for this device: bf16 on a GPU, fp32 on every
+    CPU. At these model sizes bf16 has not paid on any CPU measured (bench.py precision, a whole training step:
+    0.53x of fp32 on an AVX512-BF16 Xeon, about 1x on a Zen 4, 0.04x where it is emulated on AVX2)."""
     if cfg.precision != "auto":
         return cfg.precision
-    return "bf16" if native_bf16(device_type) else "fp32"
+    return "bf16" if device_type == "cuda" else "fp32"
 
 
 # The cache key's entry per (device, precision): fp32 on a CPU adds none and bf16 on a GPU "bf16 autocast", the
@@ -551,6 +584,33 @@ def process_setup(root):
     finally:
         if DIST.world > 1:
             torch.distributed.destroy_process_group()  # (a rank that fails ends them all: torchrun stops the rest)
+
+
+def parse_command_line(argv, description, fields, strategy_fields, commands, pipelines, default_strategy):
+    """train.py's command line: --stage, --seeds, --resume, --pipeline, a --flag per TrainConfig field (`fields`) and
+    per strategy setting (`strategy_fields`: {name: (strategy, field)}). Returns (parser, args, the settings given,
+    a pipeline's under them, and the strategy settings given); a strategy setting of another strategy than the run's
+    is refused, except for the `commands` over several runs, which use them all."""
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", default="recover", help="stage to reach: pretrain, task0, task1..taskK, or recover"
+                        f" (default); or a command of report.py over several runs: {', '.join(commands)}")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of --stage headline (default: 0,1,2)")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted stages from their last saved state")
+    parser.add_argument("--pipeline", choices=pipelines, help="the fine-tuning settings of one of the authors' two"
+                        " pipelines (train.PIPELINES); flags given too win")
+    args, (flags, given) = parse_flags(parser, argv, [
+        (None, fields, "cpu preset"),
+        ("strategy hyper-parameters (each applies to its own strategy)", [f for _, f in strategy_fields.values()],
+         "default")])
+    strategy = flags.get("strategy", default_strategy)
+    if args.stage not in commands and (other := [n for n in given if strategy_fields[n][0] != strategy]):
+        parser.error(f"--{other[0].replace('_', '-')} is a setting of --strategy {strategy_fields[other[0]][0]}, not"
+                     f" {strategy}")
+    seeds = args.seeds.split(",")
+    if not all(s.isdigit() for s in seeds):
+        parser.error(f"--seeds {args.seeds!r}: expected seeds like 0,1,2")
+    args.seeds = [int(s) for s in seeds]
+    return parser, args, pipelines.get(args.pipeline, {}) | flags, given
 
 
 def add_flags(parser, fields, default_note):

@@ -51,6 +51,14 @@ def one_of(*choices):
     return (lambda v: v in choices), "one of " + ", ".join(choices)
 
 
+def numbers(text, kind=int):
+    """'1,2,3' as [1, 2, 3] (each a `kind`), or [] if it is not such a list."""
+    try:
+        return [kind(s) for s in text.split(",")]
+    except ValueError:
+        return []
+
+
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
 
 
@@ -83,15 +91,14 @@ class Settings:
 @dataclass
 class Context:
     """What a strategy's hooks see of the task being trained (train.py builds one per task): the model, the
-    training QA of every task so far, the run's seed and batch size, and the three things of train.py's a
-    method may ask for: batches of a QA set, a plain fine-tuning run, an exact-match score."""
+    training QA of every task so far (each QASet draws its own epochs), the run's seed and batch size, and the two
+    things of train.py's a method may ask for: a plain fine-tuning run and an exact-match score."""
     model: torch.nn.Module
     task: int                 # 0 = Task 0, k = Task k
     tok: object               # data.Tokenizer
     seed: int
     batch_size: int
     train: list               # training QA sets of tasks 0..task (index = task): data.QASet
-    batches: Callable         # train.qa_batches(qa, batch_size, rng): one epoch of (inputs, targets, loss_mask)
     fit: Callable             # train.fine_tuning_steps(model, qa, seed): endless, one fine-tuning step per item
     evaluate: Callable        # (model, task) -> exact match: Task 0 on its test people, Task k on its pairs
     step: int = 0             # steps trained so far, kept current by train.py's loop
@@ -118,6 +125,10 @@ class Seq:
     """Plain sequential fine-tuning (the paper's SEQ): every parameter learns every task."""
     name = "seq"
     changes_task0 = False  # True if the method trains Task 0 differently (then Task 0 is its own run)
+    # How the authors ran the method (train.py --stopping authors): its Task-1 epochs as a multiple of the budget,
+    # and whether it stops once the new task's exact match reaches --early-stop (only their freeze runs did).
+    authors_epoch_factor = 1
+    authors_early_stop = False
 
     @dataclass
     class Config(Settings):
@@ -137,7 +148,7 @@ class Seq:
             p.requires_grad_(True)
 
     def epoch(self, ctx, rng):
-        return ctx.batches(ctx.train[ctx.task], ctx.batch_size, rng)
+        return ctx.train[ctx.task].epoch(ctx.batch_size, rng)
 
     def loss(self, ctx, batch, loss):
         return loss
@@ -171,6 +182,8 @@ class Freeze(Seq):
     Frozen parameters are left out of the optimizer, so they stay bit-identical.
     """
     name = "freeze"
+    authors_epoch_factor = 2
+    authors_early_stop = True
 
     @dataclass
     class Config(Settings):
@@ -217,12 +230,15 @@ class AuthorsSeq(Freeze):
     paper's SEQ and replay numbers carry this is unknown; this option measures what it changes."""
     name = "seq-authors"
     freeze_embedding = False
+    authors_epoch_factor = 1
+    authors_early_stop = False
 
     @dataclass
     class Config(Settings):
         pass
 
-    def frozen_blocks(self, n_blocks):
+    @staticmethod
+    def frozen_blocks(n_blocks):
         return [j for j in range(n_blocks) if "layers.1" in hf_block_name(j)]
 
     def label(self):
@@ -338,6 +354,9 @@ class Replay(Seq):
     class Config(Settings):
         replay_fraction: float = hp(0.2, "replay: share of each finished task's training pairs kept (the paper:"
                                          " 0.1 and 0.2)", share(low_open=True))
+        replay_hidden_freeze: str = hp("no", "replay: 'yes' also freezes what the authors' SEQ froze ('layers.1':"
+                                             " seq-authors), as their replay runs were their SEQ runs with replay on",
+                                       one_of("no", "yes"), keyed_when_changed=True)
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -345,7 +364,8 @@ class Replay(Seq):
         self.pool = None  # the new task's pairs and the buffer's, as one QA set (start)
 
     def label(self):
-        return f"replay{self.config.replay_fraction:g}"
+        return f"replay{self.config.replay_fraction:g}" + ("-hidden-freeze" if self.config.replay_hidden_freeze == "yes"
+                                                           else "")
 
     def load_state(self, tensors, meta):
         self.buffer = tensors["buffer"].cpu().numpy()  # handed over on the training device
@@ -354,6 +374,9 @@ class Replay(Seq):
         super().start(ctx)
         if ctx.task == 0:
             return
+        if self.config.replay_hidden_freeze == "yes":
+            for j in AuthorsSeq.frozen_blocks(len(ctx.model.blocks)):
+                ctx.model.blocks[j].requires_grad_(False)
         finished = ctx.task - 1
         n = len(ctx.train[finished])
         rng = np.random.default_rng([ctx.seed, 21, finished])
@@ -392,7 +415,19 @@ class MultiTask(Seq):
         self.pool = ctx.join(ctx.train[:ctx.task + 1])
 
     def epoch(self, ctx, rng):
-        return ctx.batches(self.pool, ctx.batch_size, rng)
+        return self.pool.epoch(ctx.batch_size, rng)
+
+
+class MultiTaskControl(Seq):
+    """The control of multi-task: Task 0's training pairs alone, in epochs as long as multi-task's (every task so
+    far), so that it trains Task 0 for as many steps as multi-task does. Extra Task-0 epochs alone move held-out
+    Task-0 exact match too; the two side by side tell what joint training itself keeps."""
+    name = "multitask-control"
+
+    def epoch(self, ctx, rng):
+        n_old, n_all = len(ctx.train[0]), sum(len(qa) for qa in ctx.train[:ctx.task + 1])
+        order = np.concatenate([rng.permutation(n_old) for _ in range(math.ceil(n_all / n_old))])[:n_all]
+        return [ctx.train[0].batch(order[s:s + ctx.batch_size]) for s in range(0, n_all, ctx.batch_size)]
 
 
 class Lamol(Seq):
@@ -424,6 +459,7 @@ class Lamol(Seq):
     def __init__(self, config=None):
         super().__init__(config)
         self.pool, self.quality = None, {}  # the task's pairs and the pseudo ones; how good those were, by task
+        self.markers = None  # (N, P): the generation marker of each pool row's own task
 
     def label(self):
         c = self.config
@@ -435,16 +471,18 @@ class Lamol(Seq):
 
     def start(self, ctx):
         super().start(ctx)
-        self.quality, self.pool = {}, ctx.train[ctx.task]
-        if ctx.task == 0:
-            return
-        n_per_task = round(self.config.lamol_sample_share * len(ctx.train[ctx.task]) / ctx.task)
-        pseudo = []
+        self.quality, sets, tasks = {}, [ctx.train[ctx.task]], [ctx.task]
+        n_per_task = round(self.config.lamol_sample_share * len(ctx.train[ctx.task]) / max(1, ctx.task))
         for old in range(ctx.task):
             prompts, answers, self.quality[old] = self.pseudo_samples(ctx, old, n_per_task)
+            print(f"  lamol: pseudo samples of task {old}: {self.quality[old]}")
             if prompts:
-                pseudo.append(ctx.from_pairs(prompts, answers))
-        self.pool = ctx.join([ctx.train[ctx.task]] + pseudo)
+                sets.append(ctx.from_pairs(prompts, answers))
+                tasks.append(old)
+        self.pool = ctx.join(sets) if len(sets) > 1 else sets[0]
+        # A pseudo sample of task j is learnt behind task j's marker, not the current task's (LAMOL_t)
+        self.markers = torch.cat([torch.tensor([self.gen_prefix(ctx.tok, t)] * len(qa), device=qa.tokens.device)
+                                  for t, qa in zip(tasks, sets)])
 
     @torch.no_grad()
     def pseudo_samples(self, ctx, task, n):
@@ -462,27 +500,31 @@ class Lamol(Seq):
         answer = tok.encode("\nAnswer:")  # where every QA prompt ends
         real = set(zip(map(tuple, ctx.train[task].prompts), map(tuple, ctx.train[task].answers)))
         real_prompts = {p for p, _ in real}
-        prompts, answers = [], []
+        prompts, answers, rejected = [], [], {"no 'Answer:'": 0, "'Answer:' twice": 0, "no EOS": 0, "no answer": 0}
         for s in samples:
             cuts = [i for i in range(len(s) - 1) if s[i:i + len(answer)] == answer]
-            if len(cuts) != 1 or s[-1] != tok.eos_id or cuts[0] + len(answer) >= len(s) - 1:
+            reason = ("no 'Answer:'" if not cuts else "'Answer:' twice" if len(cuts) > 1 else
+                      "no EOS" if s[-1] != tok.eos_id else "no answer" if cuts[0] + len(answer) >= len(s) - 1 else None)
+            if reason:
+                rejected[reason] += 1
                 continue
             prompts.append(s[:cuts[0] + len(answer)])
             answers.append(s[cuts[0] + len(answer):])
         pairs = list(zip(map(tuple, prompts), map(tuple, answers)))
-        quality = {"sampled": len(samples), "well_formed": len(pairs), "distinct": len(set(pairs)),
+        quality = {"sampled": len(samples), "rejected": rejected, "well_formed": len(pairs), "distinct": len(set(pairs)),
                    "question_real": sum(p in real_prompts for p, _ in pairs),
                    "question_and_answer_real": sum(pair in real for pair in pairs)}
         return prompts, answers, quality
 
     def epoch(self, ctx, rng):
-        return ctx.batches(self.pool, ctx.batch_size, rng)
+        """The pool's batches in a seeded order (as QASet.epoch draws it), each with its rows' markers."""
+        order = torch.as_tensor(rng.permutation(len(self.pool)), device=self.markers.device)
+        return [(*self.pool.batch(rows), self.markers[rows]) for rows in order.split(ctx.batch_size)]
 
     def loss(self, ctx, batch, loss):
         """Add the generation loss: the same pairs, as [gen] prompt answer EOS, every real token a target."""
-        inputs, targets, _ = batch
+        inputs, targets, _, prefix = batch                                      # prefix (B, P): each row's marker
         rows = torch.cat([inputs[:, :1], targets], dim=1)                        # (B, T) prompt answer EOS pad
-        prefix = torch.tensor(self.gen_prefix(ctx.tok, ctx.task), device=rows.device).expand(len(rows), -1)
         seq = torch.cat([prefix, rows], dim=1)                                   # (B, P + T)
         targets = seq[:, 1:]
         is_sample = (targets != ctx.tok.pad_id) & (torch.arange(targets.shape[1], device=seq.device) >= len(prefix[0]) - 1)
@@ -521,11 +563,8 @@ class GradientProjection(Seq):
 
         def __post_init__(self):
             super().__post_init__()
-            try:
-                lo, hi = (int(s) for s in self.gp_window.split(","))
-            except ValueError:
-                lo = hi = -1
-            if not 0 <= lo < hi:
+            window = numbers(self.gp_window)
+            if len(window) != 2 or not 0 <= window[0] < window[1]:
                 raise ValueError(f"--gp-window {self.gp_window!r}: expected two steps like 10,50")
 
     def __init__(self, config=None):
@@ -610,11 +649,8 @@ class TaskVector(Seq):
 
         def __post_init__(self):
             super().__post_init__()
-            try:
-                alphas = [float(a) for a in self.tv_alphas.split(",")]
-            except ValueError:
-                alphas = [-1.0]
-            if not all(math.isfinite(a) and a >= 0 for a in alphas):
+            alphas = numbers(self.tv_alphas, float)
+            if not alphas or not all(math.isfinite(a) and a >= 0 for a in alphas):
                 raise ValueError(f"--tv-alphas {self.tv_alphas!r}: expected numbers >= 0 like 0.1,0.5,1")
 
     def __init__(self, config=None):
@@ -673,8 +709,8 @@ class TaskVector(Seq):
         return {}, {"grid": self.grid, "best": self.best}
 
 
-STRATEGIES = {s.name: s for s in (Seq, AuthorsSeq, Freeze, EWC, Replay, MultiTask, Lamol, GradientProjection,
-                                   TaskVector)}
+STRATEGIES = {s.name: s for s in (Seq, AuthorsSeq, Freeze, EWC, Replay, MultiTask, MultiTaskControl, Lamol,
+                                   GradientProjection, TaskVector)}
 
 
 def config_fields():

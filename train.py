@@ -20,7 +20,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts threads: busy-waiting stalls a 2-core box
 
-import argparse
 import dataclasses
 import functools
 import itertools
@@ -35,15 +34,18 @@ import data
 import report
 import runs
 from data import QASet
+from evaluation import evaluate
 from model import ModelConfig, Transformer
 from strategies import (STRATEGIES, Context, Seq, at_least, check_settings, check_strategy_args, config_fields,
-                        make_strategy, one_of, share)
+                        make_strategy, numbers, one_of, share)
 
 
-def arg(default, help, check=None, stage=None):
+def arg(default, help, check=None, stage=None, keyed_when_changed=False):
     """A setting of TrainConfig: its default (the cpu preset), its --help, what a valid value is (strategies.hp),
-    and the first stage it shapes: its value enters the cache key of that stage and of every later one."""
-    return field(default=default, metadata={"help": help, "check": check, "stage": stage})
+    and the first stage it shapes: its value enters the cache key of that stage and of every later one (a setting
+    added later only when changed from its default, so that the stages cached before it keep their keys)."""
+    return field(default=default, metadata={"help": help, "check": check, "stage": stage,
+                                            "keyed_when_changed": keyed_when_changed})
 
 
 POSITIVE = (lambda v: v > 0), "a number > 0"
@@ -51,22 +53,23 @@ POSITIVE = (lambda v: v > 0), "a number > 0"
 
 @dataclass
 class TrainConfig:
-    preset: str = arg("cpu", "named settings (PRESETS): tiny (CI), cpu (a laptop), deep (8-block freeze sweep), paper"
-                             " (GPUs)")
+    preset: str = arg("cpu", "named settings (PRESETS): tiny (CI), cpu (a laptop), deep (8-block freeze sweep), paper")
     seed: int = arg(0, "seed of the data, the initial weights and the batch order", at_least(0), "pretrain")
     # data (the cpu preset's sizes are data.DataConfig's defaults)
-    people: int = arg(data.DataConfig.n_people, "pretraining population P; Task 0 trains on the first half, tests on"
-                      " the second", at_least(2), "pretrain")
+    people: int = arg(data.DataConfig.n_people, "pretraining people; Task 0 trains on the first half, tests on the"
+                      " second", at_least(2), "pretrain")
     task_size: int = arg(data.DataConfig.task_size, "new people in each of Tasks 1..K", at_least(1), "pretrain")
     n_tasks: int = arg(data.DataConfig.n_tasks, "K: new-people tasks after Task 0", at_least(1), "pretrain")
-    name_pools: str = arg(",".join(map(str, data.DataConfig.name_pools)), "how many first,middle,last names there"
-                          " are (scaled so ~20+ people share each; the paper: 400,400,1000)", stage="pretrain")
-    # model: GPT-NeoX shape (rotary on a quarter of each head, parallel residual, untied embeddings)
+    name_pools: str = arg(",".join(map(str, data.DataConfig.name_pools)), "first,middle,last names there are (~20+"
+                          " people share each; the paper: 400,400,1000)", stage="pretrain")
+    # model: GPT-NeoX (Pythia) shape, or Llama's at the same width and depth
     n_layer: int = arg(4, "transformer blocks", at_least(1), "pretrain")
     d_model: int = arg(128, "residual stream width", at_least(1), "pretrain")
     n_head: int = arg(4, "attention heads (a divisor of --d-model)", at_least(1), "pretrain")
     d_ff: int = arg(512, "MLP width", at_least(1), "pretrain")
     context: int = arg(128, "tokens per pretraining sequence (and the model's max length)", at_least(1), "pretrain")
+    arch: str = arg("neox", "neox (LayerNorm, GELU, rotary on a quarter, parallel residual) or llama (RMSNorm,"
+                    " SwiGLU, full rotary, sequential residual)", one_of("neox", "llama"), "pretrain", True)
     # pretraining
     pretrain_epochs: int = arg(16, "passes over the biographies", at_least(1), "pretrain")
     pretrain_batch: int = arg(16, "sequences per pretraining step", at_least(1), "pretrain")
@@ -75,44 +78,46 @@ class TrainConfig:
     pretrain_warmup: int = arg(100, "linear warm-up steps", at_least(0), "pretrain")
     pretrain_wd: float = arg(0.1, "pretraining weight decay", at_least(0), "pretrain")
     eval_subset: int = arg(600, "QA pairs per set at frequent evaluations (a task's end, and the current task under"
-                           " --early-stop, use all; the memorisation probe: as many sentences)", at_least(1), "pretrain")
-    # fine-tuning on QA (loss on the answer and EOS only)
+                           " --early-stop, use all)", at_least(1), "pretrain")
+    # fine-tuning on QA (loss on the answer and EOS only), with AdamW (betas 0.9 and --ft-beta2)
     ft_batch: int = arg(48, "QA pairs per fine-tuning step (replay: half of them old)", at_least(2), "task0")
-    ft_wd: float = arg(0.01, "fine-tuning weight decay", at_least(0), "task0")
     ft_lr: float = arg(1e-4, "learning rate of every fine-tuning stage: Task 0, Tasks 1..K and the recovery probe"
-                       " (constant; the paper uses one lr, 5e-6, for all of them)", POSITIVE, "task0")
+                       " (the paper: 5e-6 for all)", POSITIVE, "task0")
+    ft_end_share: float = arg(1.0, "the fine-tuning lr falls (cosine) to this share of itself over each run (1 ="
+                              " constant)", share(low_open=True), "task0", True)
+    ft_wd: float = arg(0.01, "fine-tuning weight decay", at_least(0), "task0")
+    ft_beta2: float = arg(0.98, "fine-tuning AdamW beta2", ((lambda v: 0 <= v < 1), "a number in [0, 1)"), "task0", True)
+    ft_eps: float = arg(1e-6, "fine-tuning AdamW eps", POSITIVE, "task0", True)
+    ft_clip: float = arg(1.0, "fine-tuning gradient-norm clipping (0 = none)", at_least(0), "task0", True)
+    optimizer_scope: str = arg("task", "task: a fresh AdamW per task; sequence: one AdamW for the task sequence (its"
+                               " moments carried on)", one_of("task", "sequence"), "task0", True)
     task0_epochs: int = arg(7, "passes over Task 0's QA (the paper: 10; ours peaks at 7)", at_least(1), "task0")
     # the new tasks, through a continual-learning strategy (strategies.py; its own settings are flags too)
     strategy: str = arg("seq", f"one of {', '.join(STRATEGIES)}", one_of(*STRATEGIES))
     strategy_args: dict = field(default_factory=dict, metadata={"help": "strategy hyper-parameters by field name"})
-    task_epochs: int = arg(60, "passes over each new task's QA pairs, unless --early-stop ends it sooner (the"
-                           " paper: 25, and 50 for its freeze runs)", at_least(1), "task")
-    early_stop: float = arg(0.99, "stop a task once its exact match reaches this (0 = never); the paper's table stops"
-                            " at 0.99, its dense curves train to the end", share(), "task")
-    checkpoint_steps: str = arg("10,20,50,100,150,200", "Task-1 steps to save and probe (and the end; step 0 is Task"
-                                " 0's model, probed anyway); the paper's: $(seq -s, 5 5 200)", stage="task")
+    task_epochs: int = arg(60, "passes over each new task's QA pairs (the paper: 25)", at_least(1), "task")
+    early_stop: float = arg(0.99, "stop a task once its exact match reaches this (0 = never)", share(), "task")
+    stopping: str = arg("every", "every: --early-stop ends every method's task; authors: only freeze stops, with"
+                        " twice the epochs, as the authors ran it", one_of("every", "authors"), "task", True)
+    checkpoint_steps: str = arg("10,20,50,100,150,200", "Task-1 steps to save and probe (and the end); the paper's:"
+                                " $(seq -s, 5 5 200)", stage="task")
     dense_every: int = arg(5, "evaluate Task 0 every this many steps early in a new task ...", at_least(1), "task")
     dense_until: int = arg(200, "... up to this step ...", at_least(0), "task")
     sparse_every: int = arg(50, "... and every this many after; the new task (all its pairs) at these steps",
                             at_least(1), "task")
-    # recovery probe: fine-tune a copy on the QA of all Task-0 training people, test on the Task-0 test people
-    recover_fraction: float = arg(0.1, "recovery-probe steps as a share of Task 1's (the paper: 1 epoch of Task-0"
-                                  " QA, 6,250 steps, against 62,500)", share(low_open=True), "recover")
+    recover_fraction: float = arg(0.1, "recovery-probe steps as a share of Task 1's (the paper: 6,250 of 62,500)",
+                                  share(low_open=True), "recover")
     # how the run is kept (none of these changes a result)
     state_every: int = arg(50, "save a resumable training state every this many steps", at_least(1))
     runs: str = arg("runs", "directory where stages are cached", ((lambda v: v != ""), "a directory"))
-    precision: str = arg("auto", "matrix products in bf16 autocast (all else stays fp32) or fp32; auto: bf16 on a GPU"
-                         " and on CPUs with AVX512-BF16 or AMX. Part of the cache key unless fp32 on a CPU",
-                         one_of("auto", "bf16", "fp32"))
+    precision: str = arg("auto", "bf16 autocast of the matrix products, or fp32; auto: bf16 on a GPU, fp32 on a CPU"
+                         " (runs.precision)", one_of("auto", "bf16", "fp32"))
 
     def __post_init__(self):
         """Check every setting (strategies.check_settings: types, finite numbers, ranges), then how they fit
         together, so that a config built in Python is refused like a bad flag, before any stage is written."""
         check_settings(self)
-        try:
-            steps = sorted({int(s) for s in self.checkpoint_steps.split(",")})
-        except ValueError:
-            steps = [-1]
+        steps = sorted(set(numbers(self.checkpoint_steps))) or [-1]
         if steps[0] < 0:
             raise ValueError(f"--checkpoint-steps {self.checkpoint_steps!r}: expected step numbers like 0,10,20")
         self.checkpoint_steps = ",".join(map(str, steps))  # one cache key however the steps were listed
@@ -160,29 +165,34 @@ def preset_config(name, **settings):
 
 
 def data_config(cfg):
-    try:
-        pools = tuple(int(n) for n in cfg.name_pools.split(","))
-    except ValueError:
-        pools = ()
+    pools = tuple(numbers(cfg.name_pools))
     if len(pools) != 3:
         raise ValueError("expected three numbers like 25,25,35")
     return data.DataConfig(n_people=cfg.people, task_size=cfg.task_size, n_tasks=cfg.n_tasks, seed=cfg.seed,
                            name_pools=pools)
 
 
+# The authors' two fine-tuning pipelines (docs/paper.md): the dense curves and the recovery probe come from an
+# HF-Trainer one, the methods table from a continual-learning framework. --pipeline sets a group at once.
+PIPELINES = {
+    "trainer": dict(ft_beta2=0.999, ft_eps=1e-6, ft_clip=1.0, ft_wd=0.01, ft_end_share=0.9, optimizer_scope="task",
+                    stopping="authors"),
+    "framework": dict(ft_beta2=0.999, ft_eps=1e-8, ft_clip=0.0, ft_wd=5e-4, ft_end_share=1.0,
+                      optimizer_scope="sequence", stopping="authors"),
+}
+
+
 def model_config(cfg, vocab_size):
-    return ModelConfig(model_type="gpt_neox", vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                       d_model=cfg.d_model, d_ff=cfg.d_ff, max_seq_len=cfg.context)
+    shape = dict(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model, d_ff=cfg.d_ff,
+                 max_seq_len=cfg.context)
+    if cfg.arch == "llama":
+        return ModelConfig(model_type="llama", norm="rmsnorm", rotary_pct=1.0, mlp="swiglu", parallel_residual=False,
+                           attn_bias=False, mlp_bias=False, **shape)
+    return ModelConfig(model_type="gpt_neox", **shape)
 
 
 # -----------------------------------------------------------------------------------------------
-# Data on the device: QA sets as tensors (data.QASet), and the batches of an epoch
-
-def qa_batches(qa: QASet, batch_size, rng):
-    """One epoch of (inputs, targets, loss_mask) batches in a seeded random order."""
-    order = rng.permutation(len(qa))
-    return [qa.batch(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
-
+# Data on the device: QA sets as tensors (data.QASet, which draws their epochs), and pretraining's batches
 
 def pretrain_batches(entries, cfg, tok, rng, device):
     blocks = torch.as_tensor(data.pack_pretraining(entries, cfg.context, tok.eos_id, rng), device=device)
@@ -221,7 +231,7 @@ class Experiment:
         """What a strategy's hooks see while `model` trains on `task` (strategies.Context)."""
         return Context(model=model, task=task, tok=self.tok, seed=self.cfg.seed, batch_size=self.cfg.ft_batch,
                        train=[self.qa_set("task0_train")] + [self.qa_set(f"task{j}") for j in range(1, task + 1)],
-                       batches=qa_batches, fit=functools.partial(fine_tuning_steps, cfg=self.cfg),
+                       fit=functools.partial(fine_tuning_steps, cfg=self.cfg),
                        evaluate=self.exact_match)
 
     def initial_model(self):
@@ -240,49 +250,6 @@ class Experiment:
 
 
 # -----------------------------------------------------------------------------------------------
-# Evaluation and continual-learning metrics
-
-@torch.no_grad()
-def evaluate(model, qa: QASet, tok, exact_match=True, batch_size=1024):
-    """First-token accuracy at the answer position, hard (argmax) and soft (probability), and exact match
-    (greedy decoding must give the answer, then EOS); each per attribute, then averaged over attributes.
-    Exact match needs no decoding loop: greedy decoding writes the answer exactly when, fed the answer's own
-    prefix, the argmax is the next answer token at every answer position, EOS included. So one causal pass over
-    the set's rows (prompt + answer + EOS; right padding cannot change earlier positions) decides it. Without
-    exact_match the pass covers qa.prompts (the memorisation probe shortens them) up to the first answer token."""
-    was_training = model.training
-    model.eval()
-    per_sample = {"first_token": [], "first_token_prob": []} | ({"em": []} if exact_match else {})
-    for s in range(0, len(qa), batch_size):
-        rows = slice(s, s + batch_size)
-        if exact_match:  # the set's own rows: prompt + answer + EOS, right-padded
-            inputs, targets, read = qa.batch(range(s, min(s + batch_size, len(qa))))      # (B, W-1) each
-        else:  # the prompts as given (a caller may have shortened them) and the answer's first token
-            pairs = QASet.from_pairs(qa.prompts[rows], [a[:1] for a in qa.answers[rows]], tok.pad_id, qa.tokens.device)
-            inputs, targets, read = pairs.tokens[:, :-1], pairs.tokens[:, 1:], pairs.loss_mask[:, 1:]
-        logits, _ = model(inputs, loss_mask=read)                  # (N, V): the answer positions, row by row
-        greedy = logits.argmax(-1)                                  # (N,) what greedy decoding would write
-        n = read.sum(1)                                             # (B,) answer tokens of each row
-        starts = n.cumsum(0) - n                                    # (B,) each row's first answer position
-        first = qa.answer_first[rows]
-        per_sample["first_token"].append((greedy[starts] == first).float().cpu())
-        per_sample["first_token_prob"].append(logits[starts].float().softmax(-1).gather(1, first[:, None])[:, 0].cpu())
-        if exact_match:
-            wrong = (greedy != targets[read]).float()              # (N,)
-            row_of = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)
-            per_sample["em"].append((torch.zeros(len(n), device=n.device).index_add_(0, row_of, wrong) == 0).float().cpu())
-    model.train(was_training)
-    attribute = qa.attribute.cpu()
-    out = {}
-    for metric, values in per_sample.items():
-        values = torch.cat(values)
-        by_attr = {a: values[attribute == i].mean().item() for i, a in enumerate(data.ATTRIBUTES) if (attribute == i).any()}
-        out[metric] = sum(by_attr.values()) / len(by_attr)
-        out[f"{metric}_by_attribute"] = by_attr
-    return out
-
-
-# -----------------------------------------------------------------------------------------------
 # The training loop, shared by every stage
 
 @dataclass
@@ -297,6 +264,10 @@ class Phase:
     min_lr: float            # cosine floor; equal to lr for a constant schedule
     warmup: int
     weight_decay: float
+    beta2: float = 0.98      # AdamW's (beta1 is 0.9)
+    eps: float = 1e-6
+    clip: float = 1.0        # gradient-norm clipping; 0 = none
+    moments: dict = None     # AdamW moments by parameter name to start from (runs.load_moments), or a fresh AdamW
     strategy: object = field(default_factory=Seq)  # its per-step hooks (strategies.py); start/end run outside
     ctx: Context = None                              # what the hooks see
     # name -> (model -> metrics, the steps to run it at); 'current' drives early stopping. All run at the end.
@@ -321,7 +292,9 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume, meter):
     """Train one stage into `out`; returns (steps taken, stopped early?). Frozen parameters (requires_grad False)
     stay out of the optimizer, and so bit-identical. `meter` adds up where the time goes and the FLOPs done."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, lr=phase.lr, weight_decay=phase.weight_decay)
+    opt = make_optimizer(params, lr=phase.lr, weight_decay=phase.weight_decay, beta2=phase.beta2, eps=phase.eps)
+    if phase.moments:
+        runs.set_moments(model, opt, phase.moments)
     strategy, ctx = phase.strategy, phase.ctx
     step, stopped = runs.resume_stage(model, opt, out, phase.name) if resume else runs.start_stage(out)
     if ctx is not None:
@@ -360,7 +333,7 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume, meter):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, phase)
             local_batch, weight = runs.shard(batches[i])
-            loss = train_step(net, opt, params, local_batch, strategy, ctx, weight, bf16=bf16)
+            loss = train_step(net, opt, params, local_batch, strategy, ctx, weight, bf16=bf16, clip=phase.clip)
             meter.count(model, batches[i][0], batches[i][2])  # the whole global batch
             step += 1
             logged = step in eval_points or step == phase.total
@@ -381,42 +354,51 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume, meter):
                 runs.save_state(model, opt, out=out, step=step, stopped=stopped)
     bar.close()
     runs.barrier()  # the others may now read what rank 0 wrote
-    return step, stopped
+    return step, stopped, opt
 
 
-def train_step(model, opt, params, batch, strategy, ctx, weight=None, bf16=False):
-    """One optimizer step on batch = (inputs, targets, loss_mask); returns the loss. bf16: matrix products under
-    autocast (all else fp32: the loss is fp32 logits' cross-entropy). `weight` scales this rank's loss (runs.shard)."""
-    inputs, targets, mask = batch
+def train_step(model, opt, params, batch, strategy, ctx, weight=None, bf16=False, clip=1.0):
+    """One optimizer step on batch = (inputs, targets, loss_mask, [what a strategy adds]); returns the loss. bf16:
+    matrix products under autocast (all else fp32: the loss is fp32 logits' cross-entropy). `weight` scales this
+    rank's loss (runs.shard). clip: the gradient norm is clipped to this (0: not clipped)."""
+    inputs, targets, mask = batch[:3]
     with runs.autocast(inputs.device.type, bf16):
         _, loss = model(inputs, targets, loss_mask=mask)
         loss = strategy.loss(ctx, batch, loss)
     (loss if weight is None else loss * weight).backward()
     strategy.after_backward(ctx)
-    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
 
 
-def make_optimizer(params, lr, weight_decay):
+def make_optimizer(params, lr, weight_decay, beta2=0.98, eps=1e-6):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # no decay on norms, biases
     # Fused on a GPU (one kernel for every tensor); on a CPU the foreach form, which gives the same bits as the
     # plain loop (checked) in fewer calls. (CPU-fused AdamW is faster still but rounds differently.)
     cuda = params[0].is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=cuda or None, foreach=not cuda or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), eps=eps, fused=cuda or None, foreach=not cuda or None)
+
+
+def fine_tuning(cfg):
+    """What every fine-tuning phase shares: one learning rate (no warm-up; constant unless --ft-end-share) and the
+    fine-tuning AdamW."""
+    return dict(lr=cfg.ft_lr, min_lr=cfg.ft_lr * cfg.ft_end_share, warmup=0, weight_decay=cfg.ft_wd,
+                beta2=cfg.ft_beta2, eps=cfg.ft_eps, clip=cfg.ft_clip)
 
 
 def fine_tuning_steps(model, qa, seed, cfg):
-    """Plain fine-tuning of `model` on `qa` with the stage's settings, one step per item, forever: the
+    """Plain fine-tuning of `model` on `qa` at the constant fine-tuning lr, one step per item, forever: the
     preliminary runs some strategies make before a task (gradient projection)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, lr=cfg.ft_lr, weight_decay=cfg.ft_wd)
+    opt = make_optimizer(params, lr=cfg.ft_lr, weight_decay=cfg.ft_wd, beta2=cfg.ft_beta2, eps=cfg.ft_eps)
     bf16 = runs.precision(cfg, params[0].device.type) == "bf16"
     for epoch in itertools.count():
-        for batch in qa_batches(qa, cfg.ft_batch, np.random.default_rng([*seed, epoch])):
-            train_step(model, opt, params, batch, strategy=Seq(), ctx=None, bf16=bf16)
+        for batch in qa.epoch(cfg.ft_batch, np.random.default_rng([*seed, epoch])):
+            train_step(model, opt, params, batch, strategy=Seq(), ctx=None, bf16=bf16, clip=cfg.ft_clip)
             yield
 
 
@@ -458,7 +440,11 @@ def task(exp, stage, k):
     with stage.meter.time("strategy"):
         strategy.start(ctx)
     steps_per_epoch = len(strategy.epoch(ctx, np.random.default_rng(0)))
-    epochs = c.task0_epochs if k == 0 else c.task_epochs
+    # --stopping authors: each method as the authors ran it (freeze: twice the epochs, stopped at --early-stop;
+    # the others: the whole budget, where the report reads both the first step past --early-stop and the end)
+    authors = c.stopping == "authors" and k > 0
+    epochs = c.task0_epochs if k == 0 else c.task_epochs * (strategy.authors_epoch_factor if authors else 1)
+    stops = k > 0 and (strategy.authors_early_stop or not authors)
     total = epochs * steps_per_epoch
     if k == 0:  # once an epoch
         evals = {"task0": (exp.eval_fn("task0_test"), every_epoch(epochs, steps_per_epoch))}
@@ -469,19 +455,22 @@ def task(exp, stage, k):
         evals = {"task0": (exp.eval_fn("task0_test"), dense),
                  "current": (exp.eval_fn(stage.name, full=c.early_stop > 0), sparse)}
     save_steps = {int(s) for s in c.checkpoint_steps.split(",")} if k == 1 else set()
-    # One constant learning rate for every fine-tuning stage, as in the paper: a larger one for the new
-    # tasks would move the weights further than Task 0 did and mix real forgetting into the spurious kind.
+    # One learning rate for every fine-tuning stage, as in the paper: a larger one for the new tasks would
+    # move the weights further than Task 0 did and mix real forgetting into the spurious kind.
+    carried = c.optimizer_scope == "sequence" and k > 0  # one AdamW for the sequence: the last task's moments
     phase = Phase(stage.name, task=k, total=total, steps_per_epoch=steps_per_epoch,
-                  make_epoch=lambda rng: strategy.epoch(ctx, rng), lr=c.ft_lr, min_lr=c.ft_lr, warmup=0,
-                  weight_decay=c.ft_wd, strategy=strategy, ctx=ctx, evals=evals, early_stop=c.early_stop if k else 0.0,
+                  make_epoch=lambda rng: strategy.epoch(ctx, rng), **fine_tuning(c), strategy=strategy, ctx=ctx,
+                  moments=runs.load_moments(os.path.join(stage.prev_dir, "final")) if carried else None,
+                  evals=evals, early_stop=c.early_stop if stops else 0.0,
                   save_steps=save_steps | strategy.checkpoint_steps(steps_per_epoch, total))
-    steps, stopped = train_loop(model, phase, out=stage.out, cfg=c, tok=exp.tok, resume=stage.resume, meter=stage.meter)
+    steps, stopped, opt = train_loop(model, phase, out=stage.out, cfg=c, tok=exp.tok, resume=stage.resume,
+                                     meter=stage.meter)
     ctx.checkpoints = runs.saved_checkpoints(stage.out)
     with stage.meter.time("strategy"):
         strategy.end(ctx)
     with stage.meter.time("checkpoint"):
         runs.save_checkpoint(model, exp.tok, os.path.join(stage.out, "final"), {"stage": stage.name, "step": steps},
-                             strategy=strategy)
+                             strategy=strategy, optimizer=opt if c.optimizer_scope == "sequence" else None)
     if not runs.DIST.main:
         return {}  # rank 0 alone evaluates and reports
     with stage.meter.time("eval"):  # full evaluation on every task so far: row k of the accuracy matrix R
@@ -515,8 +504,7 @@ def recover(exp, stage):
             before = test(model) if runs.DIST.main else None  # rank 0 alone evaluates
         phase = Phase(f"recover {name}", task=0, total=probe_steps,
                       steps_per_epoch=math.ceil(len(train_qa) / c.ft_batch),
-                      make_epoch=lambda rng: qa_batches(train_qa, c.ft_batch, rng), lr=c.ft_lr, min_lr=c.ft_lr,
-                      warmup=0, weight_decay=c.ft_wd)
+                      make_epoch=lambda rng: train_qa.epoch(c.ft_batch, rng), **fine_tuning(c))
         os.makedirs(probe_dir, exist_ok=True)
         train_loop(model, phase, out=probe_dir, cfg=c, tok=exp.tok, resume=stage.resume, meter=stage.meter)
         if runs.DIST.main:
@@ -557,35 +545,18 @@ def run_protocol(cfg, until="recover", resume=False):
 # The command line
 
 def parse_args(argv):
-    """The command line as (TrainConfig, stage, resume, seeds): the preset's settings, then the flags given."""
-    parser = runs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", default="recover",
-                        help="stage to reach: pretrain, task0, task1..taskK, or recover (default: recover); or a"
-                             f" command of report.py over several runs: {', '.join(report.COMMANDS)}")
-    parser.add_argument("--seeds", default="0,1,2", help="seeds of --stage headline (default: 0,1,2)")
-    parser.add_argument("--resume", action="store_true", help="continue interrupted stages from their last saved state")
-    strategy_flags = config_fields()  # flag name -> (its strategy, its field)
-    args, (flags, given) = runs.parse_flags(parser, argv, [
-        (None, [f for f in dataclasses.fields(TrainConfig) if f.name != "strategy_args"], "cpu preset"),
-        ("strategy hyper-parameters (each applies to its own strategy)", [f for _, f in strategy_flags.values()],
-         "default")])
+    """The command line as (TrainConfig, stage, resume, seeds): a preset, an authors' pipeline, then the flags given."""
+    parser, args, flags, given = runs.parse_command_line(
+        argv, __doc__, [f for f in dataclasses.fields(TrainConfig) if f.name != "strategy_args"], config_fields(),
+        commands=report.COMMANDS, pipelines=PIPELINES, default_strategy=TrainConfig.strategy)
     preset = flags.pop("preset", "cpu")
-    strategy = flags.get("strategy", TrainConfig.strategy)
-    if args.stage not in report.COMMANDS:  # a single run: its flags must be its strategy's
-        for name in given:
-            if strategy_flags[name][0] != strategy:
-                parser.error(f"--{name.replace('_', '-')} is a setting of --strategy {strategy_flags[name][0]}, not"
-                             f" {strategy}")
     try:
         cfg = preset_config(preset, **flags, strategy_args=PRESETS.get(preset, {}).get("strategy_args", {}) | given)
     except ValueError as e:
         parser.error(str(e))
-    seeds = [int(s) for s in args.seeds.split(",") if s.isdigit()]
-    if len(seeds) != len(args.seeds.split(",")):
-        parser.error(f"--seeds {args.seeds!r}: expected seeds like 0,1,2")
     if args.stage not in stage_names(cfg) + list(report.COMMANDS):
         parser.error(f"--stage {args.stage!r}: expected one of {', '.join(stage_names(cfg) + list(report.COMMANDS))}")
-    return cfg, args.stage, args.resume, seeds
+    return cfg, args.stage, args.resume, args.seeds
 
 
 def main(argv=None):

@@ -43,7 +43,7 @@ def test_cl_metrics_where_forgetting_and_backward_transfer_differ():
     assert report.cl_metrics([[0.5]]) == {"average_accuracy": 0.5, "forgetting": 0.0, "backward_transfer": 0.0}
 
 
-def test_qa_batches_mask_the_answer_and_eos_shifted_by_one():
+def test_qa_epochs_mask_the_answer_and_eos_shifted_by_one():
     """Two hand-made pairs (PAD 0, EOS 1): the targets are the tokens shifted left by one, and the mask is
     True exactly where the target is an answer token or the EOS."""
     prompts, answers = [[5, 6, 7], [5, 6]], [[8, 9, 1], [10, 1]]
@@ -56,7 +56,7 @@ def test_qa_batches_mask_the_answer_and_eos_shifted_by_one():
                            attribute=np.array([0, 1]), person_id=np.array([0, 1]))
     for qa in (data.QASet.from_pairs(prompts, answers, pad_id=0, device="cpu"),
                data.QASet.from_arrays(arrays, "cpu")):
-        (inputs, targets, mask), = train.qa_batches(qa, batch_size=2, rng=np.random.default_rng(0))
+        (inputs, targets, mask), = qa.epoch(batch_size=2, rng=np.random.default_rng(0))
         order = np.random.default_rng(0).permutation(2)  # the batch's rows, in the epoch's seeded order
         assert torch.equal(inputs, by_hand[0][order]) and torch.equal(targets, by_hand[1][order])
         assert torch.equal(mask, by_hand[2][order])
@@ -68,7 +68,7 @@ def test_real_qa_pairs_mask_the_answer_and_eos():
     qa = data.QASet.from_arrays(data.qa_arrays(bio, bio.splits["task1"], tok), "cpu")
     mark = tok.encode("\nAnswer:")
     rows = 0
-    for _, targets, mask in train.qa_batches(qa, batch_size=16, rng=np.random.default_rng(1)):
+    for _, targets, mask in qa.epoch(batch_size=16, rng=np.random.default_rng(1)):
         for row, row_mask in zip(targets.tolist(), mask.tolist()):
             answer = next(i for i in range(len(row)) if row[i:i + len(mark)] == mark) + len(mark)
             eos = row.index(tok.eos_id)
@@ -315,7 +315,12 @@ def test_methods_table_from_its_runs(tiny_base, tmp_path, monkeypatch):
             seconds += summary(stage(runs_dir, f"task0-{r['strategy']}-"), timings=True)["seconds"]
         assert r["seconds"] == pytest.approx(seconds)
         paper = report.PAPER.get(paper, "-")
-        assert line.startswith(f"| {label} | {paper} | {task0_em:.3f} | {task1_em:.3f} | {steps}")
+        assert line.startswith(f"| {label} | {paper} | {task0_em:.3f}") and f"| {task1_em:.3f} | {steps}" in line
+        if r["strategy"].startswith("lamol"):  # its own Task 0's extraction, beside its Task-0 result
+            own = fake_em_of(os.path.join(stage(runs_dir, f"task0-{r['strategy']}-"), "final"), "task0_test")
+            assert r["own_task0_em"] == pytest.approx(own, abs=1e-9) and f"(own Task 0: {own:.3f})" in line
+        reached = report.first_reach(read_metrics(run), 0.99)
+        assert r["reached_step"] == (reached and reached["step"])
     # as many different results as different models (EWC at lambda 1 ends bit-identical to SEQ on the tiny preset)
     models = {open(os.path.join(runs_dir, "tiny", r["run"], "final", "model.safetensors"), "rb").read() for r in rows}
     assert len({round(r["task0_em"], 9) for r in rows}) == len(models) >= len(rows) - 2
@@ -323,5 +328,8 @@ def test_methods_table_from_its_runs(tiny_base, tmp_path, monkeypatch):
                         if name.startswith("task0-") and os.path.isdir(os.path.join(runs_dir, "tiny", name)))
     assert task0_runs == ["task0", "task0-lamol-g", "task0-lamol-t"]  # the shared one, and LAMOL's own two
     assert os.path.exists(os.path.join(root, "table.png"))
+    multitask, control = (next(r for r in rows if r["strategy"] == name) for name in ("multitask", "multitask-control"))
+    control_curve = read_metrics(os.path.join(runs_dir, "tiny", control["run"]))
+    assert control["task0_em_at_multitask_end"] == report.task0_at(control_curve, multitask["steps"])
     lamol = next(r for r in rows if r["strategy"] == "lamol-g")
     assert lamol["strategy_state"]["pseudo_sample_quality"]["0"]["sampled"] > 0

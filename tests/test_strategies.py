@@ -190,7 +190,8 @@ def test_lamol_keeps_only_well_formed_samples_and_scores_them(tiny, monkeypatch)
     monkeypatch.setattr(model, "generate", lambda prompts, *a, **k: samples[:len(prompts)])
     lamol = strategies.make_strategy("lamol")
     prompts, answers, quality = lamol.pseudo_samples(ctx, 0, len(samples))
-    assert quality == {"sampled": 6, "well_formed": 3, "distinct": 2, "question_real": 3, "question_and_answer_real": 2}
+    assert quality == {"sampled": 6, "well_formed": 3, "distinct": 2, "question_real": 3, "question_and_answer_real": 2,
+                       "rejected": {"no 'Answer:'": 0, "'Answer:' twice": 1, "no EOS": 1, "no answer": 1}}
     qa = ctx.from_pairs(prompts, answers)
     assert [p + a for p, a in zip(qa.prompts, qa.answers)] == [real, real, wrong_answer]
     assert all(a[-1] == exp.tok.eos_id and p[-len(answer_mark):] == answer_mark for p, a in zip(prompts, answers))
@@ -207,7 +208,7 @@ def test_lamol_loss_adds_the_generation_term(tiny):
     for token, prefix in (("shared", [exp.tok.eos_id]), ("task", [exp.tok.eos_id, exp.tok.encode(" 2")[0]])):
         lamol = strategies.make_strategy("lamol", {"lamol_token": token})
         assert lamol.gen_prefix(exp.tok, 1) == prefix
-        total = lamol.loss(ctx, batch, qa_loss)
+        total = lamol.loss(ctx, (*batch, torch.tensor([prefix] * 3)), qa_loss)  # each row behind Task 1's marker
         rows = [prefix + r.tolist() for r in torch.cat([batch[0][:, :1], batch[1]], 1)]
         pad = exp.tok.pad_id
         nll, count = 0.0, 0

@@ -201,7 +201,7 @@ def test_one_preset_table_holds_every_preset():
 def another_value(value):
     """A valid setting other than `value`, for the hyper-parameters the strategies declare."""
     if isinstance(value, str):
-        swaps = {"index": "substring", "per-sample": "authors", "authors": "exact", "shared": "task"}
+        swaps = {"index": "substring", "per-sample": "authors", "authors": "exact", "shared": "task", "no": "yes"}
         return swaps.get(value, value + ",2" if value.count(",") > 1 else "1,2")
     return value + 1 if isinstance(value, int) else value / 2
 
