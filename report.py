@@ -64,13 +64,15 @@ def related_runs(cfg, stage):
     """Completed runs of `stage` (any strategy) that share this configuration's pretraining and Task 0."""
     shared, _ = runs.stage_dir(cfg, "task0")
     task0_settings = runs.read_json(os.path.join(shared, "summary.json"))["settings"]
+    # Task 0's settings and those that would be, changed (a setting keyed only when changed may be absent)
+    keys = set(task0_settings) | {f.name for f in dataclasses.fields(cfg) if f.metadata.get("stage") in ("pretrain", "task0")}
     root = os.path.join(cfg.runs, cfg.preset)
     found = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name, "summary.json")
         if name.startswith(stage + "-") and os.path.exists(path):
             summary = runs.read_json(path)
-            if all(summary["settings"].get(k) == v for k, v in task0_settings.items()):
+            if {k: v for k, v in summary["settings"].items() if k in keys} == task0_settings:
                 found.append((os.path.join(root, name), summary))
     return found
 
@@ -90,16 +92,18 @@ def print_report(cfg):
         print(f"accuracy matrix (exact match; row i = after task i, {cfg.strategy}): {rows}")
         print("  " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in cl_metrics(rows).items()))
     recovered = {s["task1_run"]: s for _, s in related_runs(cfg, "recover")}
-    print(f"\n{'task 1 run':<28}{'steps':>6}{'T0 start':>10}{'T0 min@150':>11}{'T0 end':>8}{'T1 end':>8}"
-          f"{'T0 recovered':>14}")
+    level = cfg.early_stop or 0.99
+    print(f"\n{'task 1 run':<28}{'steps':>6}{'T0 start':>10}{'T0 min@150':>11}{f'T1>={level:g} at':>12}{'T0 there':>9}"
+          f"{'T0 end':>8}{'T1 end':>8}{'T0 recovered':>14}")
     for run_dir, s in related_runs(cfg, "task1"):
         curve = runs.read_metrics(run_dir)
-        early = [r["task0"]["em"] for r in curve if r["step"] <= 150]
+        early, reached = [r["task0"]["em"] for r in curve if r["step"] <= 150], first_reach(curve, level)
+        reached_at, task0_there = (reached["step"], f"{reached['task0']['em']:.3f}") if reached else ("-", "-")
         rec = recovered.get(os.path.basename(run_dir))
         rec_end = f"{rec['rows'][-1]['task0_em_after']:.3f}" if rec else "-"
         print(f"{s['strategy'] + (' (early stop)' if s['stopped_early'] else ''):<28}{s['steps']:>6}"
-              f"{curve[0]['task0']['em']:>10.3f}{min(early):>11.3f}{s['results']['task0']['em']:>8.3f}"
-              f"{s['results']['task1']['em']:>8.3f}{rec_end:>14}")
+              f"{curve[0]['task0']['em']:>10.3f}{min(early):>11.3f}{reached_at:>12}{task0_there:>9}"
+              f"{s['results']['task0']['em']:>8.3f}{s['results']['task1']['em']:>8.3f}{rec_end:>14}")
     root = os.path.join(cfg.runs, cfg.preset)
     for rec in recovered.values():
         task1_dir = os.path.join(root, rec["task1_run"])

@@ -192,14 +192,7 @@ def model_config(cfg, vocab_size):
 
 
 # -----------------------------------------------------------------------------------------------
-# Data on the device: QA sets as tensors (data.QASet, which draws their epochs), and pretraining's batches
-
-def pretrain_batches(entries, cfg, tok, rng, device):
-    blocks = torch.as_tensor(data.pack_pretraining(entries, cfg.context, tok.eos_id, rng), device=device)
-    for start in range(0, len(blocks), cfg.pretrain_batch):
-        rows = blocks[start:start + cfg.pretrain_batch]
-        yield rows[:, :-1], rows[:, 1:], None
-
+# The data of one configuration on the device: QA sets as tensors (data.QASet, which draws their epochs)
 
 class Experiment:
     """The dataset, tokenizer and QA sets of one configuration, on the device, for the stages built on them."""
@@ -219,8 +212,10 @@ class Experiment:
     def eval_fn(self, split, full=False):
         qa = self.qa_set(split)
         if not full and len(qa) > self.cfg.eval_subset:  # a fixed subset, the same at every evaluation
-            rng = np.random.default_rng([self.cfg.seed, 11])
-            qa = qa.subset(sorted(rng.choice(len(qa), self.cfg.eval_subset, replace=False).tolist()))
+            if (split, "subset") not in self.qa:
+                rng = np.random.default_rng([self.cfg.seed, 11])
+                self.qa[split, "subset"] = qa.subset(sorted(rng.choice(len(qa), self.cfg.eval_subset, replace=False)))
+            qa = self.qa[split, "subset"]
         return lambda model: evaluate(model, qa, self.tok)
 
     def exact_match(self, model, task):
@@ -289,8 +284,8 @@ def lr_at(step, phase):
 
 
 def train_loop(model, phase: Phase, out, cfg, tok, resume, meter):
-    """Train one stage into `out`; returns (steps taken, stopped early?). Frozen parameters (requires_grad False)
-    stay out of the optimizer, and so bit-identical. `meter` adds up where the time goes and the FLOPs done."""
+    """Train one stage into `out`; returns (steps taken, stopped early?, the optimizer). Frozen parameters
+    (requires_grad False) stay out of the optimizer, and so bit-identical. `meter` adds up where the time goes."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=phase.lr, weight_decay=phase.weight_decay, beta2=phase.beta2, eps=phase.eps)
     if phase.moments:
@@ -413,9 +408,14 @@ def pretrain(exp, stage):
     entries = exp.bio.bio_token_ids(exp.bio.splits["pretrain"])
     n_blocks = sum(len(e) + 1 for e in entries) // (c.context + 1)  # what pack_pretraining makes, any order
     steps_per_epoch = math.ceil(n_blocks / c.pretrain_batch)
+
+    def epoch(rng):  # the biographies packed into rows of context + 1 tokens, in a new order each epoch
+        blocks = torch.as_tensor(data.pack_pretraining(entries, c.context, exp.tok.eos_id, rng), device=exp.device)
+        return [(rows[:, :-1], rows[:, 1:], None) for rows in blocks.split(c.pretrain_batch)]
+
     phase = Phase("pretrain", task=-1, total=c.pretrain_epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
-                  make_epoch=lambda rng: pretrain_batches(entries, c, exp.tok, rng, exp.device),
-                  lr=c.pretrain_lr, min_lr=c.pretrain_min_lr, warmup=c.pretrain_warmup, weight_decay=c.pretrain_wd,
+                  make_epoch=epoch, lr=c.pretrain_lr, min_lr=c.pretrain_min_lr, warmup=c.pretrain_warmup,
+                  weight_decay=c.pretrain_wd,
                   evals={"bio": (exp.bio_probe(), every_epoch(c.pretrain_epochs, steps_per_epoch, every=4))},
                   save_steps={c.pretrain_epochs * steps_per_epoch // 2})  # halfway: for analysis.py's weight angles
     train_loop(model, phase, out=stage.out, cfg=c, tok=exp.tok, resume=stage.resume, meter=stage.meter)

@@ -231,3 +231,36 @@ def test_arch_llama_builds_a_llama_model_and_runs_the_tiny_pipeline(tmp_path):
     model = train.Transformer.from_pretrained(os.path.join(stage(tmp_path, "pretrain-"), "final"))
     assert model.cfg.norm == "rmsnorm" and model.cfg.rotary_pct == 1.0 and not model.cfg.parallel_residual
     assert summary(stage(tmp_path, "recover-seq"))["rows"]
+
+
+def tiny_point_config(point, runs_dir, **settings):
+    """A scale point on the tiny preset's sizes (the ladder's own sizes take an hour a point)."""
+    return train.preset_config("tiny", runs=runs_dir, **{"people": point["people"] // 20, "ft_lr": 5e-3 / point["lr"],
+                                                         "name_pools": "10,10,10"} | settings)
+
+
+def test_a_scale_point_runs_once_and_is_read_from_its_file_after(tmp_path, monkeypatch):
+    monkeypatch.setattr(scale, "config", tiny_point_config)
+    monkeypatch.setattr(scale, "TASK0_SEARCH", 1)
+    scale.main(["--runs", str(tmp_path), "--points", "middle;lr=1/50"])
+    (point,) = [p for p in os.listdir(tmp_path / "scale" / "points") if p.startswith("middle-")]
+    found = read_json(tmp_path / "scale" / "points" / point)["findings"]
+    trainer = tiny_point_config(scale.MIDDLE, str(tmp_path), **train.PIPELINES["trainer"],
+                                task0_epochs=found["task0_epochs"])
+    assert found["seq_task0_end"] == summary(runs.stage_dir(trainer, "task1")[0])["results"]["task0"]["em"]
+    assert summary(runs.stage_dir(trainer, "task1")[0])["settings"]["stopping"] == "authors"
+    table = open(tmp_path / "scale" / "scale.md").read()
+    assert "| middle |" in table and "| lr=1/50 |" in table and os.path.exists(tmp_path / "scale" / "scale.png")
+    monkeypatch.setattr(train, "run_protocol", lambda *a, **k: pytest.fail("a finished point ran again"))
+    scale.main(["--runs", str(tmp_path), "--points", "middle"])
+
+
+def test_the_report_keeps_runs_of_another_task0_apart(tiny_base, tmp_path):
+    """A pipeline's Task 0 differs from the default's in settings keyed only when changed: the report of one
+    configuration lists its own Task-1 runs, not those of the other's Task 0."""
+    runs_dir = copy_runs(tiny_base, tmp_path / "runs")
+    tiny(runs_dir, "--stage", "task1")
+    tiny(runs_dir, "--stage", "task1", "--pipeline", "trainer")
+    for flags in ([], ["--pipeline", "trainer"]):
+        cfg = train.parse_args(["--preset", "tiny", "--runs", str(runs_dir), "--pretrain-epochs", "1", *flags])[0]
+        assert [d for d, _ in report.related_runs(cfg, "task1")] == [runs.stage_dir(cfg, "task1")[0]]
