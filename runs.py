@@ -586,11 +586,11 @@ def process_setup(root):
             torch.distributed.destroy_process_group()  # (a rank that fails ends them all: torchrun stops the rest)
 
 
-def parse_command_line(argv, description, fields, strategy_fields, commands, pipelines, default_strategy):
-    """train.py's command line: --stage, --seeds, --resume, --pipeline, a --flag per TrainConfig field (`fields`) and
-    per strategy setting (`strategy_fields`: {name: (strategy, field)}). Returns (parser, args, the settings given,
-    a pipeline's under them, and the strategy settings given); a strategy setting of another strategy than the run's
-    is refused, except for the `commands` over several runs, which use them all."""
+def parse_command_line(argv, description, config_class, presets, pipelines, strategy_fields, commands, stage_names):
+    """train.py's command line as (config, stage, resume, seeds): --stage, --seeds, --resume, --pipeline, a --flag per
+    field of config_class (TrainConfig) and per strategy setting (strategy_fields: {name: (strategy, field)}). The
+    config is the preset's settings, then a pipeline's, then the flags given; a strategy setting of another strategy
+    than the run's is refused, except in the `commands` over several runs, which use them all."""
     parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", default="recover", help="stage to reach: pretrain, task0, task1..taskK, or recover"
                         f" (default); or a command of report.py over several runs: {', '.join(commands)}")
@@ -599,18 +599,27 @@ def parse_command_line(argv, description, fields, strategy_fields, commands, pip
     parser.add_argument("--pipeline", choices=pipelines, help="the fine-tuning settings of one of the authors' two"
                         " pipelines (train.PIPELINES); flags given too win")
     args, (flags, given) = parse_flags(parser, argv, [
-        (None, fields, "cpu preset"),
+        (None, [f for f in dataclasses.fields(config_class) if f.name != "strategy_args"], "cpu preset"),
         ("strategy hyper-parameters (each applies to its own strategy)", [f for _, f in strategy_fields.values()],
          "default")])
-    strategy = flags.get("strategy", default_strategy)
+    preset, strategy = flags.pop("preset", "cpu"), flags.get("strategy", config_class.strategy)
     if args.stage not in commands and (other := [n for n in given if strategy_fields[n][0] != strategy]):
         parser.error(f"--{other[0].replace('_', '-')} is a setting of --strategy {strategy_fields[other[0]][0]}, not"
                      f" {strategy}")
     seeds = args.seeds.split(",")
     if not all(s.isdigit() for s in seeds):
         parser.error(f"--seeds {args.seeds!r}: expected seeds like 0,1,2")
-    args.seeds = [int(s) for s in seeds]
-    return parser, args, pipelines.get(args.pipeline, {}) | flags, given
+    if preset not in presets:
+        parser.error(f"--preset {preset!r}: expected one of {', '.join(presets)}")
+    strategy_args = presets[preset].get("strategy_args", {}) | given
+    try:
+        cfg = config_class(**presets[preset] | pipelines.get(args.pipeline, {}) | flags
+                           | {"preset": preset, "strategy_args": strategy_args})
+    except ValueError as e:
+        parser.error(str(e))
+    if args.stage not in stage_names(cfg) + list(commands):
+        parser.error(f"--stage {args.stage!r}: expected one of {', '.join(stage_names(cfg) + list(commands))}")
+    return cfg, args.stage, args.resume, [int(s) for s in seeds]
 
 
 def add_flags(parser, fields, default_note):

@@ -10,11 +10,9 @@ Stages, in order: pretrain (biographies, from scratch) -> task0 (QA of half the 
 knowledge *extraction*) -> task1..taskK (QA of new people) -> recover (the probe: the pretrained, Task-0 and saved
 Task-1 checkpoints, each fine-tuned briefly on the Task-0 training QA and tested on the Task-0 test people). Every
 fine-tuning stage uses one learning rate, as the paper does. Asking for a stage runs every missing earlier one.
-Each stage lives in runs/<preset>/<stage>-<hash>/, where the hash covers every setting that shaped it, so a change
-of settings makes a new directory and never reuses an old result. A stage is complete once its summary.json exists.
 
-This file is the experiment, in the order it runs. Its plumbing (files, the stage cache, several processes,
-the run lock) is runs.py; the printed report and the commands over several runs are report.py.
+This file is the experiment, in the order it runs. Its plumbing (files, the stage cache keyed by every setting,
+several processes, the command line) is runs.py; the report and the commands over several runs are report.py.
 """
 import os
 
@@ -546,17 +544,8 @@ def run_protocol(cfg, until="recover", resume=False):
 
 def parse_args(argv):
     """The command line as (TrainConfig, stage, resume, seeds): a preset, an authors' pipeline, then the flags given."""
-    parser, args, flags, given = runs.parse_command_line(
-        argv, __doc__, [f for f in dataclasses.fields(TrainConfig) if f.name != "strategy_args"], config_fields(),
-        commands=report.COMMANDS, pipelines=PIPELINES, default_strategy=TrainConfig.strategy)
-    preset = flags.pop("preset", "cpu")
-    try:
-        cfg = preset_config(preset, **flags, strategy_args=PRESETS.get(preset, {}).get("strategy_args", {}) | given)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.stage not in stage_names(cfg) + list(report.COMMANDS):
-        parser.error(f"--stage {args.stage!r}: expected one of {', '.join(stage_names(cfg) + list(report.COMMANDS))}")
-    return cfg, args.stage, args.resume, args.seeds
+    return runs.parse_command_line(argv, __doc__, TrainConfig, PRESETS, PIPELINES, config_fields(), report.COMMANDS,
+                                   stage_names)
 
 
 def main(argv=None):
