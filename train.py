@@ -18,7 +18,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts threads: busy-waiting stalls a 2-core box
 
-import dataclasses
 import functools
 import itertools
 import math
