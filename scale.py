@@ -54,21 +54,21 @@ def name_of(point):
 
 
 def name_pools(people, task_size):
-    """First, middle and last name pools so that each name is shared by >= PEOPLE_PER_NAME people (data.py deals
-    names round-robin over everyone, Task-1 people too); the cpu preset's 25,25,35 for 500 + 200 people."""
+    """First, middle and last name pools in the cpu preset's ratios (25, 25 and 35 names for 500 + 200 people: 28, 28
+    and 20 people a name; data.py deals names round-robin over everyone, Task-1 people too), so that every name is
+    shared by at least PEOPLE_PER_NAME people at every size."""
     total = people + task_size
-    return (total // (PEOPLE_PER_NAME + 8), total // (PEOPLE_PER_NAME + 8), total // PEOPLE_PER_NAME)
+    return total // 28, total // 28, total // PEOPLE_PER_NAME
 
 
 def config(point, runs_dir, **settings):
     """The TrainConfig of a point: the cpu preset with the point's sizes."""
     task_size = round(TASK_SHARE * point["people"])
-    base = train.preset_config("cpu")
     return train.preset_config(
         "cpu", runs=runs_dir, people=point["people"], task_size=task_size,
         name_pools=",".join(map(str, name_pools(point["people"], task_size))), d_model=point["d"],
         n_head=point["d"] // 32, d_ff=4 * point["d"], n_layer=point["L"], pretrain_epochs=point["passes"],
-        ft_lr=base.pretrain_lr / point["lr"], task_epochs=point["epochs"], **settings)
+        ft_lr=train.TrainConfig.pretrain_lr / point["lr"], task_epochs=point["epochs"], **settings)
 
 
 def task0_epochs(point, runs_dir, run):
