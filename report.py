@@ -303,9 +303,9 @@ def table(cfg, run, seeds=None):
                      "own_task0_em": own_task0, "reached_step": reached and reached["step"],
                      "task0_em_at_reach": reached and reached["task0"]["em"],
                      "run": os.path.basename(run_dir), "strategy_state": summary["strategy_state"]})
-    multitask = next(r for r in rows if r["strategy"] == "multitask")
+    multitask = next((r for r in rows if r["strategy"] == "multitask"), None)
     for r in rows:  # the control is read where multi-task ended: Task 0 after as many steps
-        if r["strategy"] == "multitask-control":
+        if r["strategy"] == "multitask-control" and multitask:
             curve = runs.read_metrics(os.path.join(cfg.runs, cfg.preset, r["run"]))
             r["task0_em_at_multitask_end"] = task0_at(curve, multitask["steps"])
     lines = [f"| method | paper: Task 0 (%) | Task 0 EM | Task 1 EM | steps | first step with Task 1 >= {level:g}:"
