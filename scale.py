@@ -71,13 +71,23 @@ def config(point, runs_dir, **settings):
         ft_lr=train.TrainConfig.pretrain_lr / point["lr"], task_epochs=point["epochs"], **settings)
 
 
+def search_config(point, runs_dir):
+    """Task 0 trained longer than any point needs (constant lr, the Trainer pipeline's AdamW), to choose its epochs."""
+    return config(point, runs_dir, **train.PIPELINES["trainer"] | {"ft_end_share": 1.0,
+                                                                   "task0_epochs": TASK0_SEARCH * point["lr"] // 50})
+
+
+def pipeline_configs(point, runs_dir, epochs):
+    """The point's configs in the authors' two pipelines, with Task 0's chosen epochs: (trainer, framework)."""
+    return tuple(config(point, runs_dir, **train.PIPELINES[name], task0_epochs=epochs) for name in ("trainer", "framework"))
+
+
 def task0_epochs(point, runs_dir, run):
-    """The rule that chose the cpu preset's 7: train Task 0 longer (constant lr, the Trainer pipeline's AdamW),
-    and take the epoch at which held-out exact match (evaluated every epoch) peaks."""
-    search = TASK0_SEARCH * point["lr"] // 50
-    cfg = config(point, runs_dir, **train.PIPELINES["trainer"] | {"ft_end_share": 1.0, "task0_epochs": search})
+    """The rule that chose the cpu preset's 7: train Task 0 longer (search_config) and take the epoch at which
+    held-out exact match (evaluated every epoch) peaks."""
+    cfg = search_config(point, runs_dir)
     curve = runs.read_metrics(run(cfg, "task0"))
-    steps_per_epoch = curve[-1]["step"] // search
+    steps_per_epoch = curve[-1]["step"] // cfg.task0_epochs
     by_epoch = [(r["task0"]["em"], -r["step"]) for r in curve if r["step"] > 0]
     return -max(by_epoch)[1] // steps_per_epoch, [(r["step"] // steps_per_epoch, r["task0"]["em"]) for r in curve]
 
@@ -92,14 +102,13 @@ def methods(point):
 def measure(point, runs_dir, run):
     """Every run of a point, and its findings."""
     epochs, task0_curve = task0_epochs(point, runs_dir, run)
-    trainer = config(point, runs_dir, **train.PIPELINES["trainer"], task0_epochs=epochs, strategy="seq")
+    trainer, framework = pipeline_configs(point, runs_dir, epochs)
     run(trainer, "recover")
     seq = report.seq_numbers(trainer)
     seq_curve = runs.read_metrics(runs.stage_dir(trainer, "task1")[0])
     found = {"task0_epochs": epochs, "task0_search": task0_curve, **seq,
              "seq_steps_to_0.5": (report.first_reach(seq_curve, 0.5) or {}).get("step"),
              "seq_steps_to_0.99": (report.first_reach(seq_curve, 0.99) or {}).get("step")}
-    framework = config(point, runs_dir, **train.PIPELINES["framework"], task0_epochs=epochs)
     for key, (strategy, args) in methods(point).items():
         cfg = dataclasses.replace(framework, strategy=strategy, strategy_args=framework.strategy_args | args)
         run_dir = run(cfg, "task1")
@@ -201,10 +210,7 @@ def main(argv=None):
 
 def stage_dirs(point, runs_dir, epochs):
     """Every stage directory a point ran (for its time), each once."""
-    search = config(point, runs_dir, **train.PIPELINES["trainer"] | {"ft_end_share": 1.0,
-                                                                     "task0_epochs": TASK0_SEARCH * point["lr"] // 50})
-    trainer = config(point, runs_dir, **train.PIPELINES["trainer"], task0_epochs=epochs)
-    framework = config(point, runs_dir, **train.PIPELINES["framework"], task0_epochs=epochs)
+    search, (trainer, framework) = search_config(point, runs_dir), pipeline_configs(point, runs_dir, epochs)
     dirs = [runs.stage_dir(search, "pretrain")[0], runs.stage_dir(search, "task0")[0]]
     dirs += [runs.stage_dir(trainer, s)[0] for s in ("task0", "task1", "recover")]
     dirs += [runs.stage_dir(framework, "task0")[0]]
