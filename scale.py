@@ -7,9 +7,9 @@
 
 A point is a configuration of the cpu preset with one axis moved from MIDDLE: the population (pretraining people,
 with Task 1 and the name pools scaled alike), the fine-tuning lr as a fraction of the pretraining peak, width,
-depth, the Task-1 epoch budget, and the pretraining passes. Each point runs the protocol the way the authors' two
-pipelines ran it (train.PIPELINES): SEQ with its recovery probe in the HF-Trainer one, freeze, replay 20% and
-multi-task in the continual-learning framework, both with --stopping authors. Task 0's epochs are re-chosen at
+depth, the Task-1 epoch budget, the pretraining passes, and the architecture (GPT-NeoX or Llama). Each point runs
+the protocol the way the authors' two pipelines ran it (train.PIPELINES): SEQ with its recovery probe in the
+HF-Trainer one, freeze, replay 20% and multi-task in the continual-learning framework, both with --stopping authors. Task 0's epochs are re-chosen at
 every point by one rule: the epoch at which held-out Task-0 exact match peaks in a longer run. A finished point
 is one JSON file under <out>/points/, read instead of rerun, so the study continues where it stopped.
 """
@@ -29,9 +29,9 @@ import runs
 import train
 
 # The middle point sits at 1,000 people so that a point takes about an hour on a 2-core CPU (2,000: two).
-MIDDLE = {"people": 1000, "lr": 100, "d": 128, "L": 4, "epochs": 60, "passes": 16}
+MIDDLE = {"people": 1000, "lr": 100, "d": 128, "L": 4, "epochs": 60, "passes": 16, "arch": "neox"}
 AXES = {"people": [500, 1000, 2000, 8000], "lr": [50, 100, 200], "d": [128, 256, 384], "L": [4, 8],
-        "epochs": [60, 120], "passes": [16, 32]}
+        "epochs": [60, 120], "passes": [16, 32], "arch": ["neox", "llama"]}
 TASK_SHARE = 0.4        # Task-1 people per pretraining person (the cpu preset: 200 for 500)
 PEOPLE_PER_NAME = 20    # every first, middle and last name is shared by at least this many people
 TASK0_SEARCH = 10       # Task 0's epochs are chosen within this many x (lr fraction / 50) epochs
@@ -68,7 +68,7 @@ def config(point, runs_dir, **settings):
         "cpu", runs=runs_dir, people=point["people"], task_size=task_size,
         name_pools=",".join(map(str, name_pools(point["people"], task_size))), d_model=point["d"],
         n_head=point["d"] // 32, d_ff=4 * point["d"], n_layer=point["L"], pretrain_epochs=point["passes"],
-        ft_lr=train.TrainConfig.pretrain_lr / point["lr"], task_epochs=point["epochs"], **settings)
+        ft_lr=train.TrainConfig.pretrain_lr / point["lr"], task_epochs=point["epochs"], arch=point["arch"], **settings)
 
 
 def search_config(point, runs_dir):
@@ -155,12 +155,13 @@ def write_report(done, out):
     fig, axes = plt.subplots(1, len(AXES), figsize=(3.2 * len(AXES), 3.8), sharey=True)
     for ax, (axis, values) in zip(axes, AXES.items()):
         for i, (key, label, ref) in enumerate(FINDINGS):
-            xs = [v for v in values if name_of(MIDDLE | {axis: v}) in done]
-            ys = [done[name_of(MIDDLE | {axis: v})]["findings"].get(key) for v in xs]
+            xs = [x for x, v in enumerate(values) if name_of(MIDDLE | {axis: v}) in done]  # evenly spaced values
+            ys = [done[name_of(MIDDLE | {axis: values[x]})]["findings"].get(key) for x in xs]
             ax.plot(xs, [np.nan if y is None else y for y in ys], "o-", color=f"C{i}", label=label)
             if ref is not None:
                 ax.axhline(ref, color=f"C{i}", lw=0.8, ls=":")
-        ax.set(xlabel=axis + (" (1/x of the pretraining lr)" if axis == "lr" else ""), xticks=values, ylim=(-0.02, 1.02))
+        ax.set(xlabel=axis + (" (1/x of the pretraining lr)" if axis == "lr" else ""), xticks=range(len(values)),
+               xticklabels=values, xlim=(-0.5, len(values) - 0.5), ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("exact match, or share of the ceiling")
     axes[0].legend(loc="upper center", bbox_to_anchor=(len(AXES) / 2, -0.2), ncol=4, frameon=False, fontsize=8)
