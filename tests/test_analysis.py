@@ -8,7 +8,6 @@ import torch
 
 import analysis
 import runs
-import theory
 from model import ModelConfig, Transformer
 
 torch.set_num_threads(1)
@@ -275,7 +274,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     out = analysis.main(["--preset", "tiny", "--runs", str(tmp_path)])
     assert sorted(os.listdir(out)) == ["analysis.json", "feature-shift.png", "fisher-vs-angle.png",
                                        "landscape-freeze.png", "landscape.png", "weight-angles.png"]
-    result = analysis.runs.read_json(os.path.join(out, "analysis.json"))
+    result = runs.read_json(os.path.join(out, "analysis.json"))
     assert "pretraining: 1st half vs 2nd half" in result["angles"]  # a fresh run saves the mid-pretraining model
     every_matrix = {"emb.embed", "head.unembed"} | {f"{l}.{c}" for l in (0, 1) for c in PATHS}
     assert all(set(group) == every_matrix for group in result["angles"].values())  # values: the hand cases above
