@@ -145,7 +145,8 @@ def pyplot():
 
 
 def save_figure(fig, path):
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with layout="constrained" keeps its own layout
+        fig.tight_layout()
     if runs.DIST.main:
         with atomic_write(path, "wb") as f:
             fig.savefig(f, format="png", dpi=120)

@@ -152,7 +152,7 @@ def write_report(done, out):
     runs.write_text(os.path.join(out, "scale.md"), "\n".join(lines) + "\n")
     runs.write_json(os.path.join(out, "scale.json"), {"middle": MIDDLE, "axes": AXES, "points": done})
     plt = report.pyplot()
-    fig, axes = plt.subplots(1, len(AXES), figsize=(3.2 * len(AXES), 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(AXES), figsize=(3.2 * len(AXES), 4.2), sharey=True, layout="constrained")
     for ax, (axis, values) in zip(axes, AXES.items()):
         for i, (key, label, ref) in enumerate(FINDINGS):
             xs = [x for x, v in enumerate(values) if name_of(MIDDLE | {axis: v}) in done]  # evenly spaced values
@@ -164,7 +164,7 @@ def write_report(done, out):
                xticklabels=values, xlim=(-0.5, len(values) - 0.5), ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("exact match, or share of the ceiling")
-    axes[0].legend(loc="upper center", bbox_to_anchor=(len(AXES) / 2, -0.2), ncol=4, frameon=False, fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=4, frameon=False, fontsize=8)
     fig.suptitle("findings against scale, one axis at a time from the middle point "
                  + ", ".join(point_name(*item) for item in MIDDLE.items())
                  + " (dotted: the paper's values)", fontsize=9)
