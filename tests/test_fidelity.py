@@ -250,7 +250,8 @@ def test_a_scale_point_runs_once_and_is_read_from_its_file_after(tmp_path, monke
     assert found["seq_task0_end"] == summary(runs.stage_dir(trainer, "task1")[0])["results"]["task0"]["em"]
     assert summary(runs.stage_dir(trainer, "task1")[0])["settings"]["stopping"] == "authors"
     table = open(tmp_path / "scale" / "scale.md").read()
-    assert "| middle |" in table and "| lr=1/50 |" in table and os.path.exists(tmp_path / "scale" / "scale.png")
+    assert table.startswith("| finding | paper | middle | lr=1/50 |")  # a column per point, the middle first
+    assert os.path.exists(tmp_path / "scale" / "scale.png")
     monkeypatch.setattr(train, "run_protocol", lambda *a, **k: pytest.fail("a finished point ran again"))
     scale.main(["--runs", str(tmp_path), "--points", "middle"])
 
