@@ -50,7 +50,8 @@ POSITIVE = (lambda v: v > 0), "a number > 0"
 
 @dataclass
 class TrainConfig:
-    preset: str = arg("cpu", "named settings (PRESETS): tiny (CI), cpu (a laptop), deep (8-block freeze sweep), paper")
+    preset: str = arg("cpu", "named settings (PRESETS): tiny (CI), cpu (a laptop), deep (8-block freeze sweep), paper,"
+                      " llama-1k (an hour a seed, nearest the paper)")
     seed: int = arg(0, "seed of the data, the initial weights and the batch order", at_least(0), "pretrain")
     # data (the cpu preset's sizes are data.DataConfig's defaults)
     people: int = arg(data.DataConfig.n_people, "pretraining people; Task 0 trains on the first half, tests on the"
@@ -131,6 +132,16 @@ class TrainConfig:
         check_strategy_args(self.strategy_args, n_layer=self.n_layer, n_tasks=self.n_tasks)
 
 
+# The authors' two fine-tuning pipelines (docs/paper.md): the dense curves and the recovery probe come from an
+# HF-Trainer one, the methods table from a continual-learning framework. --pipeline sets a group at once.
+PIPELINES = {
+    "trainer": dict(ft_beta2=0.999, ft_eps=1e-6, ft_clip=1.0, ft_wd=0.01, ft_end_share=0.9, optimizer_scope="task",
+                    stopping="authors"),
+    "framework": dict(ft_beta2=0.999, ft_eps=1e-8, ft_clip=0.0, ft_wd=5e-4, ft_end_share=1.0,
+                      optimizer_scope="sequence", stopping="authors"),
+}
+
+
 # Every preset, in one table: what differs from the defaults above (the cpu preset), strategy settings included.
 PRESETS = {
     "tiny": dict(people=50, task_size=25, n_tasks=2, name_pools="5,5,5",
@@ -151,6 +162,11 @@ PRESETS = {
                   pretrain_warmup=1000, ft_wd=0.01, ft_lr=5e-6, task0_epochs=10, task_epochs=25,
                   early_stop=0.0, eval_subset=3000, sparse_every=1000, state_every=1000,
                   strategy_args=dict(freeze_layers=7, gp_window="100,150")),
+    # The scale study's point nearest the paper (docs/scale): cpu's model in the Llama shape, 1,000 + 400 people,
+    # fine-tuning at 1/100 of the pretraining peak in the authors' Trainer pipeline, and the 15 Task-0 epochs that
+    # scale.py's rule chose there. About an hour a seed for the headline on 2 cores.
+    "llama-1k": dict(people=1000, task_size=400, name_pools="50,50,70", arch="llama", ft_lr=5e-5, task0_epochs=15,
+                     **PIPELINES["trainer"]),
 }
 
 
@@ -169,14 +185,6 @@ def data_config(cfg):
                            name_pools=pools)
 
 
-# The authors' two fine-tuning pipelines (docs/paper.md): the dense curves and the recovery probe come from an
-# HF-Trainer one, the methods table from a continual-learning framework. --pipeline sets a group at once.
-PIPELINES = {
-    "trainer": dict(ft_beta2=0.999, ft_eps=1e-6, ft_clip=1.0, ft_wd=0.01, ft_end_share=0.9, optimizer_scope="task",
-                    stopping="authors"),
-    "framework": dict(ft_beta2=0.999, ft_eps=1e-8, ft_clip=0.0, ft_wd=5e-4, ft_end_share=1.0,
-                      optimizer_scope="sequence", stopping="authors"),
-}
 
 
 def model_config(cfg, vocab_size):

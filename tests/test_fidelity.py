@@ -210,6 +210,15 @@ def test_one_axis_moves_at_a_time_from_the_middle():
     assert {p["people"] for p in ladder.values()} >= {500, 2000, 8000} and {p["lr"] for p in ladder.values()} == {50, 100, 200}
 
 
+def test_the_llama_1k_preset_is_the_scale_studys_llama_point_as_it_ran():
+    """The preset is the point's Trainer-pipeline config (its SEQ + probe), with the Task-0 epochs the point chose."""
+    points = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "scale", "points")
+    (path,) = [p for p in os.listdir(points) if p.startswith("arch=llama-")]
+    chosen = read_json(os.path.join(points, path))["findings"]["task0_epochs"]
+    point = scale.config(scale.MIDDLE | {"arch": "llama"}, "runs", **train.PIPELINES["trainer"], task0_epochs=chosen)
+    assert dataclasses.replace(point, preset="llama-1k") == train.preset_config("llama-1k")
+
+
 @pytest.mark.parametrize("setting,value", [("arch", "llama"), ("ft_beta2", 0.999), ("ft_eps", 1e-8), ("ft_clip", 0.0),
                                            ("ft_end_share", 0.9), ("optimizer_scope", "sequence"),
                                            ("stopping", "authors")])

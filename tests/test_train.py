@@ -189,7 +189,7 @@ def test_one_preset_table_holds_every_preset():
     is TrainConfig's defaults, whose data sizes are data.DataConfig's."""
     assert train.data_config(train.TrainConfig()) == data.DataConfig()
     expected = {"tiny": (50, 25, 2, (5, 5, 5)), "cpu": (500, 200, 1, (25, 25, 35)), "deep": (300, 120, 1, (15, 15, 20)),
-                "paper": (100_000, 20_000, 5, (400, 400, 1000))}  # the sizes data.PRESETS held before
+                "paper": (100_000, 20_000, 5, (400, 400, 1000)), "llama-1k": (1000, 400, 1, (50, 50, 70))}
     for name, (people, task_size, n_tasks, pools) in expected.items():
         cfg = train.parse_args(["--preset", name])[0]
         assert train.data_config(cfg) == data.DataConfig(people, task_size, n_tasks, name_pools=pools)
