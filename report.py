@@ -8,6 +8,8 @@ runs' files.
     python train.py --stage table         # every method of the paper's Table 1 (strategies.py)
 """
 import dataclasses
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -183,16 +185,34 @@ def headline_numbers(seq_cfg, freeze_cfg):
         "freeze_steps": freeze["steps"]}
 
 
+def row_file(root, label, run_dirs):
+    """<root>/rows/<label>-<hash>.json: one row of a table over many runs, keyed by the runs' cache directories
+    (whose names hold every setting), so that a row is read back only for the runs that made it."""
+    digest = hashlib.sha256(json.dumps([os.path.basename(d) for d in run_dirs]).encode()).hexdigest()[:10]
+    return os.path.join(root, "rows", f"{label}-{digest}.json")
+
+
 def headline(cfg, run, seeds):
-    """SEQ with its recovery probe, and freeze, for each seed; then the mean +- std over the seeds."""
+    """SEQ with its recovery probe, and freeze, for each seed; then the mean +- std over the seeds. Each seed's row
+    is also written to its own small file and read from there later: the seeds of an hours-long preset can run on
+    several machines or days, and their row files, copied into one <runs>/<preset>/rows, make one table."""
+    root = os.path.join(cfg.runs, cfg.preset)
     per_seed = []
     for seed in seeds:
         seq_cfg = dataclasses.replace(cfg, seed=seed, strategy="seq")
         freeze_cfg = dataclasses.replace(seq_cfg, strategy="freeze")
+        path = row_file(root, f"headline-seed{seed}", [runs.stage_dir(seq_cfg, "recover")[0],
+                                                       runs.stage_dir(freeze_cfg, "task1")[0]])
+        if os.path.exists(path):
+            print(f"\n=== seed {seed}: its row, from {path}")
+            per_seed.append(runs.read_json(path)["row"])
+            continue
         print(f"\n=== seed {seed}")
         run(seq_cfg, "recover")
         run(freeze_cfg, "task1")
         per_seed.append(headline_numbers(seq_cfg, freeze_cfg))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        runs.write_json(path, {"seed": seed, "row": per_seed[-1], **runs.environment()})
     freeze = make_strategy("freeze", cfg.strategy_args).config
     stats = {k: {"mean": float(np.mean([r[k] for r in per_seed])),
                  "std": float(np.std([r[k] for r in per_seed], ddof=1)) if len(seeds) > 1 else 0.0}
@@ -216,7 +236,6 @@ def headline(cfg, run, seeds):
         each = ", ".join(fmt.format(scale * r[k]) for r in per_seed)
         lines.append(f"| {labels[k]} | {PAPER.get(k, '-')} | {ours} | {each} |")
     table = "\n".join(lines)
-    root = os.path.join(cfg.runs, cfg.preset)
     runs.write_json(os.path.join(root, "headline.json"), {"seeds": seeds, "per_seed": per_seed, "stats": stats,
                                                      "settings": dataclasses.asdict(cfg), **runs.environment()})
     runs.write_text(os.path.join(root, "headline.md"), table + "\n")

@@ -1,8 +1,10 @@
 """The training protocol on hand cases and tiny runs: continual-learning metrics, the QA loss mask, early
 stopping, resuming inside Task 1, the recovery probe's length and the multi-run reports, each checked against
 a value computed here (by hand, or from the files and weights the runs left)."""
+import dataclasses
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,10 +12,11 @@ import torch
 
 import data
 import report
+import runs
 import strategies
 import train
 from model import Transformer
-from run_helpers import (Killed, copy_runs, fake_em_of, fake_evaluate, kill_at_end, kill_during, parameters,
+from run_helpers import (FAST, Killed, copy_runs, fake_em_of, fake_evaluate, kill_at_end, kill_during, parameters,
                          read_json, read_metrics, same_tensors, stage, summary, tensors, tiny, tiny_base,  # noqa: F401
                          tiny_data, qa_tokens)
 
@@ -276,6 +279,32 @@ def test_headline_table_from_its_runs(tiny_base, tmp_path, monkeypatch):
         (row,) = [line for line in table if f"| {paper} |" in line]
         a, b = (100 * e[key] for e in expected)
         assert row.endswith(f"| {(a + b) / 2:.1f} +- {abs(a - b) / math.sqrt(2):.1f} | {a:.1f}, {b:.1f} |")
+
+
+def test_headline_reads_a_seeds_row_file_instead_of_its_runs(tiny_base, tmp_path, monkeypatch):
+    """A seed's row file stands in for its runs (copied from another machine): the table is the same, nothing is
+    trained; a row file of other settings is not read."""
+    runs_dir = copy_runs(tiny_base, tmp_path / "runs")
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    root = tiny(runs_dir, "--stage", "headline", "--seeds", "0,1", *ONE_EPOCH)
+    first = read_json(os.path.join(root, "headline.json"))
+    rows = os.listdir(os.path.join(root, "rows"))
+    assert len(rows) == 2 and all(name.startswith("headline-seed") for name in rows)
+    runs_only = [name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name)) and name != "rows"]
+    for name in runs_only:  # every run gone: the row files are what is left of them
+        shutil.rmtree(os.path.join(root, name))
+    tiny(runs_dir, "--stage", "headline", "--seeds", "1,0", *ONE_EPOCH)
+    again = read_json(os.path.join(root, "headline.json"))
+    assert again["per_seed"] == first["per_seed"][::-1]
+    for key, stat in first["stats"].items():
+        assert again["stats"][key] == pytest.approx(stat), key
+    assert not any(os.path.exists(os.path.join(root, name)) for name in runs_only)  # nothing trained again
+    seq = train.parse_args(["--preset", "tiny", "--runs", str(runs_dir), *FAST, *ONE_EPOCH])[0]
+    freeze = dataclasses.replace(seq, strategy="freeze")
+    mine = [runs.stage_dir(seq, "recover")[0], runs.stage_dir(freeze, "task1")[0]]
+    assert os.path.basename(report.row_file(root, "headline-seed0", mine)) in rows
+    other = [runs.stage_dir(dataclasses.replace(c, ft_lr=2e-3), s)[0] for c, s in ((seq, "recover"), (freeze, "task1"))]
+    assert os.path.basename(report.row_file(root, "headline-seed0", other)) not in rows
 
 
 def test_freeze_sweep_from_its_runs(tiny_base, tmp_path, monkeypatch):
