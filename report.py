@@ -303,31 +303,45 @@ TABLE = [
 ]
 
 
+def method_row(run_cfg, run_dir, label, paper, level, earlier):
+    """One method's row of the table, read from its finished Task-1 run (and its own Task 0, if it trains one)."""
+    summary = runs.read_json(os.path.join(run_dir, "summary.json"))
+    seconds, own_task0 = summary["seconds"], None
+    if make_strategy(run_cfg.strategy, run_cfg.strategy_args).changes_task0:  # its own Task 0: time and accuracy
+        task0 = runs.read_json(os.path.join(runs.stage_dir(run_cfg, "task0")[0], "summary.json"))
+        seconds, own_task0 = seconds + task0["seconds"], task0["results"]["task0"]["em"]
+    curve = runs.read_metrics(run_dir)
+    reached = first_reach(curve, level)
+    row = {"method": label, "strategy": summary["strategy"], "paper_task0": paper,
+           "task0_em": summary["results"]["task0"]["em"], "task1_em": summary["results"]["task1"]["em"],
+           "steps": summary["steps"], "stopped_early": summary["stopped_early"], "seconds": seconds,
+           "own_task0_em": own_task0, "reached_step": reached and reached["step"],
+           "task0_em_at_reach": reached and reached["task0"]["em"],
+           "run": os.path.basename(run_dir), "strategy_state": summary["strategy_state"]}
+    multitask = next((r for r in earlier if r["strategy"] == "multitask"), None)
+    if summary["strategy"] == "multitask-control" and multitask:  # Task 0 alone after as many steps
+        row["task0_em_at_multitask_end"] = task0_at(curve, multitask["steps"])
+    return row
+
+
 def table(cfg, run, seeds=None):
-    """Run every method of TABLE on Task 1 (each cached and resumable), then write table.md/.json and a bar plot."""
+    """Run every method of TABLE on Task 1 (each cached and resumable), then write table.md/.json and a bar plot.
+    Each method's row is also written to its own small file and read from there later, as the headline's are."""
+    root, level = os.path.join(cfg.runs, cfg.preset), cfg.early_stop or 0.99
     rows = []
     for label, name, settings, paper in TABLE:
         run_cfg = dataclasses.replace(cfg, strategy=name, strategy_args=cfg.strategy_args | settings)
+        # the control's row is read where multi-task ended: it depends on that run too
+        after = [r["run"] for r in rows if r["strategy"] == "multitask" and name == "multitask-control"]
+        path = row_file(root, "table", [runs.stage_dir(run_cfg, "task1")[0], *after])
+        if os.path.exists(path):
+            print(f"\n=== {label}: its row, from {path}")
+            rows.append(runs.read_json(path)["row"] | {"method": label, "paper_task0": PAPER.get(paper, "-")})
+            continue
         print(f"\n=== {label}")
-        run_dir = run(run_cfg, "task1")
-        summary = runs.read_json(os.path.join(run_dir, "summary.json"))
-        seconds, own_task0 = summary["seconds"], None
-        if make_strategy(name, run_cfg.strategy_args).changes_task0:  # its own Task 0: its time and its accuracy
-            task0 = runs.read_json(os.path.join(runs.stage_dir(run_cfg, "task0")[0], "summary.json"))
-            seconds, own_task0 = seconds + task0["seconds"], task0["results"]["task0"]["em"]
-        curve, level = runs.read_metrics(run_dir), cfg.early_stop or 0.99
-        reached = first_reach(curve, level)
-        rows.append({"method": label, "strategy": summary["strategy"], "paper_task0": PAPER.get(paper, "-"),
-                     "task0_em": summary["results"]["task0"]["em"], "task1_em": summary["results"]["task1"]["em"],
-                     "steps": summary["steps"], "stopped_early": summary["stopped_early"], "seconds": seconds,
-                     "own_task0_em": own_task0, "reached_step": reached and reached["step"],
-                     "task0_em_at_reach": reached and reached["task0"]["em"],
-                     "run": os.path.basename(run_dir), "strategy_state": summary["strategy_state"]})
-    multitask = next((r for r in rows if r["strategy"] == "multitask"), None)
-    for r in rows:  # the control is read where multi-task ended: Task 0 after as many steps
-        if r["strategy"] == "multitask-control" and multitask:
-            curve = runs.read_metrics(os.path.join(cfg.runs, cfg.preset, r["run"]))
-            r["task0_em_at_multitask_end"] = task0_at(curve, multitask["steps"])
+        rows.append(method_row(run_cfg, run(run_cfg, "task1"), label, PAPER.get(paper, "-"), level, rows))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        runs.write_json(path, {"row": rows[-1], **runs.environment()})
     lines = [f"| method | paper: Task 0 (%) | Task 0 EM | Task 1 EM | steps | first step with Task 1 >= {level:g}:"
              " Task 0 there (subset) | seconds |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['paper_task0']} | {r['task0_em']:.3f}"
@@ -338,7 +352,6 @@ def table(cfg, run, seeds=None):
               + (f"{r['reached_step']}: {r['task0_em_at_reach']:.3f}" if r["reached_step"] is not None else "never")
               + f" | {r['seconds']:.0f} |" for r in rows]
     text = "\n".join(lines)
-    root = os.path.join(cfg.runs, cfg.preset)
     runs.write_json(os.path.join(root, "table.json"), {"rows": rows, "settings": dataclasses.asdict(cfg), **runs.environment()})
     runs.write_text(os.path.join(root, "table.md"), text + "\n")
     plt = pyplot()

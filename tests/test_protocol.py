@@ -362,3 +362,12 @@ def test_methods_table_from_its_runs(tiny_base, tmp_path, monkeypatch):
     assert control["task0_em_at_multitask_end"] == report.task0_at(control_curve, multitask["steps"])
     lamol = next(r for r in rows if r["strategy"] == "lamol-g")
     assert lamol["strategy_state"]["pseudo_sample_quality"]["0"]["sampled"] > 0
+    table = open(os.path.join(root, "table.md")).read()
+    for name in os.listdir(os.path.join(runs_dir, "tiny")):  # every run gone: each row is read from its file
+        if os.path.isdir(os.path.join(runs_dir, "tiny", name)) and name != "rows":
+            shutil.rmtree(os.path.join(runs_dir, "tiny", name))
+    tiny(runs_dir, "--stage", "table", "--early-stop", "0", *ONE_EPOCH)
+    assert read_json(os.path.join(root, "table.json"))["rows"] == rows
+    assert open(os.path.join(root, "table.md")).read() == table
+    tiny_root = os.path.join(runs_dir, "tiny")
+    assert [n for n in os.listdir(tiny_root) if os.path.isdir(os.path.join(tiny_root, n))] == ["rows"]  # no run again
