@@ -219,7 +219,7 @@ def headline(cfg, run, seeds):
              for k in per_seed[0]}
     labels = {"task0_extraction": "Task-0 test EM after Task 0 (extraction)",
               "seq_task0_at_150": "SEQ: lowest Task-0 EM in the first 150 Task-1 steps",
-              "seq_task0_end": "SEQ: Task-0 EM when Task 1 is learnt",
+              "seq_task0_end": "SEQ: Task-0 EM at the end of Task 1",
               "seq_task1_end": "SEQ: Task-1 EM at the end",
               "seq_steps": "SEQ: Task-1 steps",
               "probe_ceiling": "recovery-probe ceiling: best probe of the pretrained and Task-0 models",

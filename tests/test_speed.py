@@ -102,13 +102,19 @@ print(torch.equal(default_weights, kept_weights), default_faults, kept_faults)
 @pytest.mark.slow  # a ratio of page-fault counts: load from other processes moves it
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc")
 def test_keep_freed_memory_saves_page_faults_and_changes_no_bit():
-    """In a fresh process, so that glibc's settings start at their defaults."""
-    done = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], cwd=ROOT, capture_output=True, text=True,
-                          env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
-    assert done.returncode == 0, done.stderr[-2000:]
-    same_bits, default_faults, kept_faults = done.stdout.split()
-    assert same_bits == "True"
-    assert int(kept_faults) < int(default_faults) / 4, (default_faults, kept_faults)
+    """In a fresh process, so that glibc's settings start at their defaults. Other processes' load only adds page
+    faults, so the best of three tries is the measurement (a real regression fails all three)."""
+    counts = []
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], cwd=ROOT, capture_output=True, text=True,
+                              env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+        assert done.returncode == 0, done.stderr[-2000:]
+        same_bits, default_faults, kept_faults = done.stdout.split()
+        assert same_bits == "True"
+        counts.append((int(default_faults), int(kept_faults)))
+        if counts[-1][1] < counts[-1][0] / 4:
+            return
+    pytest.fail(f"keeping freed memory saved too few page faults: (default, kept) per try {counts}")
 
 
 @pytest.mark.gpu
