@@ -192,6 +192,18 @@ def row_file(root, label, run_dirs):
     return os.path.join(root, "rows", f"{label}-{digest}.json")
 
 
+def row_from_file_or(path, name, make_row):
+    """The row saved at `path` (row_file) if an earlier command wrote it; else make_row(), saved there."""
+    if os.path.exists(path):
+        print(f"\n=== {name}: its row, from {path}")
+        return runs.read_json(path)["row"]
+    print(f"\n=== {name}")
+    row = make_row()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    runs.write_json(path, {"row": row, **runs.environment()})
+    return row
+
+
 def headline(cfg, run, seeds):
     """SEQ with its recovery probe, and freeze, for each seed; then the mean +- std over the seeds. Each seed's row
     is also written to its own small file and read from there later: the seeds of an hours-long preset can run on
@@ -203,16 +215,12 @@ def headline(cfg, run, seeds):
         freeze_cfg = dataclasses.replace(seq_cfg, strategy="freeze")
         path = row_file(root, f"headline-seed{seed}", [runs.stage_dir(seq_cfg, "recover")[0],
                                                        runs.stage_dir(freeze_cfg, "task1")[0]])
-        if os.path.exists(path):
-            print(f"\n=== seed {seed}: its row, from {path}")
-            per_seed.append(runs.read_json(path)["row"])
-            continue
-        print(f"\n=== seed {seed}")
-        run(seq_cfg, "recover")
-        run(freeze_cfg, "task1")
-        per_seed.append(headline_numbers(seq_cfg, freeze_cfg))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        runs.write_json(path, {"seed": seed, "row": per_seed[-1], **runs.environment()})
+
+        def seed_row(seq_cfg=seq_cfg, freeze_cfg=freeze_cfg):
+            run(seq_cfg, "recover")
+            run(freeze_cfg, "task1")
+            return headline_numbers(seq_cfg, freeze_cfg)
+        per_seed.append(row_from_file_or(path, f"seed {seed}", seed_row))
     freeze = make_strategy("freeze", cfg.strategy_args).config
     stats = {k: {"mean": float(np.mean([r[k] for r in per_seed])),
                  "std": float(np.std([r[k] for r in per_seed], ddof=1)) if len(seeds) > 1 else 0.0}
@@ -334,14 +342,9 @@ def table(cfg, run, seeds=None):
         # the control's row is read where multi-task ended: it depends on that run too
         after = [r["run"] for r in rows if r["strategy"] == "multitask" and name == "multitask-control"]
         path = row_file(root, "table", [runs.stage_dir(run_cfg, "task1")[0], *after])
-        if os.path.exists(path):
-            print(f"\n=== {label}: its row, from {path}")
-            rows.append(runs.read_json(path)["row"] | {"method": label, "paper_task0": PAPER.get(paper, "-")})
-            continue
-        print(f"\n=== {label}")
-        rows.append(method_row(run_cfg, run(run_cfg, "task1"), label, PAPER.get(paper, "-"), level, rows))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        runs.write_json(path, {"row": rows[-1], **runs.environment()})
+        row = row_from_file_or(path, label, lambda: method_row(run_cfg, run(run_cfg, "task1"), label,
+                                                               PAPER.get(paper, "-"), level, rows))
+        rows.append(row | {"method": label, "paper_task0": PAPER.get(paper, "-")})  # labels: TABLE's, as now
     lines = [f"| method | paper: Task 0 (%) | Task 0 EM | Task 1 EM | steps | first step with Task 1 >= {level:g}:"
              " Task 0 there (subset) | seconds |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['paper_task0']} | {r['task0_em']:.3f}"
