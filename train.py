@@ -185,8 +185,6 @@ def data_config(cfg):
                            name_pools=pools)
 
 
-
-
 def model_config(cfg, vocab_size):
     shape = dict(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model, d_ff=cfg.d_ff,
                  max_seq_len=cfg.context)

@@ -23,7 +23,6 @@ from run_helpers import (FAST, Killed, copy_runs, fake_em_of, fake_evaluate, kil
 torch.set_num_threads(1)
 
 
-
 # -----------------------------------------------------------------------------------------------
 # Metrics and batches, by hand
 
