@@ -339,12 +339,13 @@ def table(cfg, run, seeds=None):
     rows = []
     for label, name, settings, paper in TABLE:
         run_cfg = dataclasses.replace(cfg, strategy=name, strategy_args=cfg.strategy_args | settings)
+        paper_task0 = PAPER.get(paper, "-")
         # the control's row is read where multi-task ended: it depends on that run too
         after = [r["run"] for r in rows if r["strategy"] == "multitask" and name == "multitask-control"]
         path = row_file(root, "table", [runs.stage_dir(run_cfg, "task1")[0], *after])
         row = row_from_file_or(path, label, lambda: method_row(run_cfg, run(run_cfg, "task1"), label,
-                                                               PAPER.get(paper, "-"), level, rows))
-        rows.append(row | {"method": label, "paper_task0": PAPER.get(paper, "-")})  # labels: TABLE's, as now
+                                                               paper_task0, level, rows))
+        rows.append(row | {"method": label, "paper_task0": paper_task0})  # a saved row's labels yield to TABLE's
     lines = [f"| method | paper: Task 0 (%) | Task 0 EM | Task 1 EM | steps | first step with Task 1 >= {level:g}:"
              " Task 0 there (subset) | seconds |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['paper_task0']} | {r['task0_em']:.3f}"
