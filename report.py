@@ -359,7 +359,7 @@ def table(cfg, run, seeds=None):
     runs.write_json(os.path.join(root, "table.json"), {"rows": rows, "settings": dataclasses.asdict(cfg), **runs.environment()})
     runs.write_text(os.path.join(root, "table.md"), text + "\n")
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     y = np.arange(len(rows))
     ax.barh(y - 0.2, [r["task0_em"] for r in rows], height=0.4, label="Task 0 (test people)")
     ax.barh(y + 0.2, [r["task1_em"] for r in rows], height=0.4, label="Task 1")
@@ -367,7 +367,7 @@ def table(cfg, run, seeds=None):
     ax.invert_yaxis()
     ax.set(xlabel="exact match after Task 1", xlim=(0, 1), title=f"{cfg.preset}: continual-learning methods")
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False, fontsize=8)  # below: no bar hidden
     save_figure(fig, os.path.join(root, "table.png"))
     tv = next((r for r in rows if r["strategy"] == "taskvector"), None)
     if tv and tv["strategy_state"]["grid"]:
