@@ -146,9 +146,9 @@ def set_moments(model, opt, moments):
                             for k, v in moments[name].items()}
 
 
-def save_state(model, opt, out, step, stopped):
-    """Everything needed to continue a stage exactly: weights, AdamW moments, step, torch RNG.
-    (Batch order needs no state: each epoch's order is drawn from its own seeded generator.)"""
+def save_state(model, opt, out, step, stopped, meter):
+    """Everything needed to continue a stage exactly: weights, AdamW moments, step, torch RNG, and the stage's
+    time and FLOPs so far. (Batch order needs no state: each epoch's order is drawn from its own seeded generator.)"""
     if not DIST.main:
         return
     state_dir = os.path.join(out, "state")
@@ -160,7 +160,8 @@ def save_state(model, opt, out, step, stopped):
     os.makedirs(os.path.join(state_dir, name), exist_ok=True)
     write_safetensors(os.path.join(state_dir, name, "state.safetensors"), {k: v.cpu().contiguous() for k, v in tensors.items()})
     write_json(os.path.join(state_dir, name, "state.json"),
-               {"step": step, "stopped_early": stopped, "param_groups": opt_state["param_groups"]})
+               {"step": step, "stopped_early": stopped, "param_groups": opt_state["param_groups"],
+                "meter": meter.state()})
     write_json(os.path.join(state_dir, "latest.json"), {"dir": name})  # the switch-over is this one rename
     for old in os.listdir(state_dir):
         if old.startswith("step-") and old != name:
@@ -173,13 +174,14 @@ def start_stage(out):
     return 0, False
 
 
-def resume_stage(model, opt, out, name):
-    """Continue a stage's training from its last saved state, dropping the metrics recorded after it; with no
-    complete state (no state/latest.json: a kill before the first one was written), start it over. Returns
-    (step, stopped early?)."""
+def resume_stage(model, opt, out, name, meter):
+    """Continue a stage's training from its last saved state, dropping the metrics recorded after it and
+    carrying on the meter's counts; with no complete state (no state/latest.json: a kill before the first one
+    was written), start it over. Returns (step, stopped early?)."""
     if not os.path.exists(os.path.join(out, "state", "latest.json")):
         return start_stage(out)
     step, stopped = load_state(model, opt, out)
+    resume_meter(meter, out)
     print(f"  {name}: resuming at step {step}")
     path = os.path.join(out, "metrics.jsonl")
     write_text(path, "".join(json.dumps(record) + "\n" for record in read_jsonl(path) if record["step"] <= step))
@@ -190,6 +192,18 @@ def append_metrics(out, record):
     """One more line of out/metrics.jsonl: a kill loses at most that line."""
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def resume_meter(meter, out):
+    """Carry on the time and FLOPs counted up to out's last saved state, if it has one (a loop that finished
+    before an interruption keeps its last state until the stage completes)."""
+    latest = os.path.join(out, "state", "latest.json")
+    if not os.path.exists(latest):
+        return
+    try:
+        meter.restore(read_json(os.path.join(out, "state", read_json(latest)["dir"], "state.json"))["meter"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot resume the time and FLOPs counted in {out}/state: {e!r}") from None
 
 
 def load_state(model, opt, out):
@@ -240,9 +254,9 @@ def build_stage(cfg, name, build, resume, prev_dir=None):
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "settings.json"), {"stage": name, "settings": settings, **environment()})
     print(f"{name}: training into {out}")
-    start, stage = time.time(), Stage(name, out, resume, Meter(), prev_dir)
+    stage = Stage(name, out, resume, Meter(), prev_dir)
     summary = build(stage)
-    seconds = time.time() - start  # of this process, if resumed
+    seconds = stage.meter.elapsed()  # every leg of a resumed stage, up to its last saved state, and this one
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     summary |= {"stage": name, "seconds": round(seconds, 1), **stage.meter.summary(seconds), "settings": settings,
                 "precision": precision(cfg, device_type), **environment()}
@@ -452,13 +466,31 @@ PRECISION_KEYS = {("cpu", "fp32"): None, ("cuda", "bf16"): "bf16 autocast",
 class Meter:
     """Where a stage's wall-clock time goes (training steps, evaluations, checkpoints, a strategy's own work)
     and the useful training FLOPs done (Transformer.flops_per_token; the loop's own forward and backward, not
-    a strategy's extra passes), for its summary.json. Both cover this process's part of a resumed stage."""
+    a strategy's extra passes), for its summary.json. A stage run in legs (killed, then resumed) carries the
+    counts of its last saved state into the next leg (state, restore): the work done after that state in the
+    killed leg is lost with it, and counted once, when it is redone."""
 
     def __init__(self):
         self.seconds = dict.fromkeys(("train", "eval", "checkpoint", "strategy"), 0.0)
         self.train_flops = 0.0
         self.train_tokens = 0
         self.queued = None  # the kind whose GPU work may still be running
+        self.earlier, self.start = 0.0, time.perf_counter()  # the seconds of earlier legs; this leg's start
+
+    def elapsed(self):
+        return self.earlier + time.perf_counter() - self.start
+
+    def state(self):
+        """The counts so far, for a saved state (save_state)."""
+        return {"seconds": self.elapsed(), "time_s": dict(self.seconds), "train_flops": float(self.train_flops),
+                "train_tokens": int(self.train_tokens)}
+
+    def restore(self, state):
+        """Carry on from a saved state's counts, replacing this leg's so far (the work they count is redone)."""
+        self.settle()
+        self.earlier, self.start = state["seconds"], time.perf_counter()
+        self.seconds = dict(state["time_s"])
+        self.train_flops, self.train_tokens = state["train_flops"], state["train_tokens"]
 
     @contextlib.contextmanager
     def time(self, kind):

@@ -294,7 +294,7 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume, meter):
     if phase.moments:
         runs.set_moments(model, opt, phase.moments)
     strategy, ctx = phase.strategy, phase.ctx
-    step, stopped = runs.resume_stage(model, opt, out, phase.name) if resume else runs.start_stage(out)
+    step, stopped = runs.resume_stage(model, opt, out, phase.name, meter) if resume else runs.start_stage(out)
     if ctx is not None:
         ctx.step = step  # a strategy's end() reads it, even when the resumed stage has no step left to take
     net = model if runs.DIST.world == 1 else torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
@@ -349,7 +349,7 @@ def train_loop(model, phase: Phase, out, cfg, tok, resume, meter):
             checkpoint()
         if step % cfg.state_every == 0 or step == phase.total or stopped:
             with meter.time("checkpoint"):
-                runs.save_state(model, opt, out=out, step=step, stopped=stopped)
+                runs.save_state(model, opt, out=out, step=step, stopped=stopped, meter=meter)
     bar.close()
     runs.barrier()  # the others may now read what rank 0 wrote
     return step, stopped, opt
@@ -501,6 +501,7 @@ def recover(exp, stage):
         probe_dir, result_path = os.path.join(stage.out, name), os.path.join(stage.out, name, "result.json")
         if os.path.exists(result_path):  # done before an interruption
             rows.append(runs.read_json(result_path))
+            runs.resume_meter(stage.meter, probe_dir)
             continue
         model = runs.load_checkpoint(path, exp.device)
         with stage.meter.time("eval"):

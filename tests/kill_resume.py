@@ -47,7 +47,7 @@ def snapshot(runs):
         if name in ("summary.json", "settings.json"):
             with open(path) as f:
                 obj = json.load(f)
-            for timing in ("seconds", "time_s", "train_flops", "train_tokens"):  # this process's share of a resumed stage only
+            for timing in ("seconds", "time_s"):  # wall-clock; the FLOPs and tokens of a resumed stage must be the same
                 obj.pop(timing, None)
             files[rel] = obj
         else:

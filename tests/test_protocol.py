@@ -172,9 +172,13 @@ def test_task1_killed_and_resumed_equals_the_uninterrupted_run(early_stop, tiny_
     assert not os.path.exists(os.path.join(killed, "summary.json"))
     state = os.path.join(killed, "state", read_json(os.path.join(killed, "state", "latest.json"))["dir"], "state.json")
     assert read_json(state)["step"] == state_step and read_json(state)["stopped_early"] == (kill_step is None)
+    counted = read_json(state)["meter"]
     tiny(runs_dir, "--stage", "task1", "--early-stop", "0.99", "--resume")
     assert os.path.basename(killed) == os.path.basename(task1)
-    assert_same_record(whole_record(killed), whole_record(task1))
+    assert_same_record(whole_record(killed), whole_record(task1))  # train_flops and train_tokens included
+    resumed = summary(killed, timings=True)
+    assert resumed["seconds"] > counted["seconds"]  # the killed leg's time, up to its state, is counted
+    assert all(resumed["time_s"][kind] >= round(seconds, 1) for kind, seconds in counted["time_s"].items())
 
 # -----------------------------------------------------------------------------------------------
 # The recovery probe
