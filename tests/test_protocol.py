@@ -177,7 +177,8 @@ def test_task1_killed_and_resumed_equals_the_uninterrupted_run(early_stop, tiny_
     assert os.path.basename(killed) == os.path.basename(task1)
     assert_same_record(whole_record(killed), whole_record(task1))  # train_flops and train_tokens included
     resumed = summary(killed, timings=True)
-    assert resumed["seconds"] > counted["seconds"]  # the killed leg's time, up to its state, is counted
+    # the killed leg's time, up to its state, is counted (summary.json rounds to 0.1 s)
+    assert resumed["seconds"] >= round(counted["seconds"], 1)
     assert all(resumed["time_s"][kind] >= round(seconds, 1) for kind, seconds in counted["time_s"].items())
 
 # -----------------------------------------------------------------------------------------------
@@ -218,6 +219,35 @@ def test_recovery_probe_is_a_tenth_of_task1_on_every_task0_training_pair(tiny_ba
     rec = summary(stage(runs_dir, "recover-"))
     assert rec["probe_steps"] == probe_steps and [r["checkpoint"] for r in rec["rows"]] == [
         "pretrained", "task0", "step-0000002", "step-0000004", "final"]
+
+
+
+def test_recovery_probe_killed_between_probes_counts_every_leg(tiny_base, tmp_path, monkeypatch):
+    """A kill just before the third probe starts: --resume skips the two probes done and trains the rest, and
+    the stage's summary still counts the skipped probes' work (the meter of their last saved state), so its
+    FLOPs and tokens equal the uninterrupted run's."""
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    flags = ("--task-epochs", "2", "--early-stop", "0")
+    reference, runs_dir = copy_runs(tiny_base, tmp_path / "reference"), copy_runs(tiny_base, tmp_path / "runs")
+    tiny(reference, "--stage", "recover", *flags)
+    tiny(runs_dir, "--stage", "task2", *flags)  # so that the recovery probe alone loads checkpoints below
+    loaded, real_load = [], runs.load_checkpoint
+
+    def load_checkpoint(path, device):
+        loaded.append(path)
+        if len(loaded) == 3:
+            raise Killed("before the third probe")
+        return real_load(path, device)
+
+    with monkeypatch.context() as m:
+        m.setattr(runs, "load_checkpoint", load_checkpoint)
+        with pytest.raises(Killed):
+            tiny(runs_dir, "--stage", "recover", *flags)
+    tiny(runs_dir, "--stage", "recover", *flags, "--resume")
+    resumed, whole = (summary(stage(d, "recover-"), timings=True) for d in (runs_dir, reference))
+    assert resumed["rows"] == whole["rows"]
+    assert (resumed["train_tokens"], resumed["train_flops"]) == (whole["train_tokens"], whole["train_flops"])
+    assert resumed["train_tokens"] > 0
 
 # -----------------------------------------------------------------------------------------------
 # The reports over several runs: values recomputed from the runs' own weights and files
