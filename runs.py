@@ -180,8 +180,7 @@ def resume_stage(model, opt, out, name, meter):
     was written), start it over. Returns (step, stopped early?)."""
     if not os.path.exists(os.path.join(out, "state", "latest.json")):
         return start_stage(out)
-    step, stopped = load_state(model, opt, out)
-    resume_meter(meter, out)
+    step, stopped = load_state(model, opt, out, meter)
     print(f"  {name}: resuming at step {step}")
     path = os.path.join(out, "metrics.jsonl")
     write_text(path, "".join(json.dumps(record) + "\n" for record in read_jsonl(path) if record["step"] <= step))
@@ -195,8 +194,8 @@ def append_metrics(out, record):
 
 
 def resume_meter(meter, out):
-    """Carry on the time and FLOPs counted up to out's last saved state, if it has one (a loop that finished
-    before an interruption keeps its last state until the stage completes)."""
+    """Carry on the time and FLOPs counted up to out's last saved state, if it has one: a training loop that
+    finished before an interruption keeps its last state until the stage completes (train.recover's probes)."""
     latest = os.path.join(out, "state", "latest.json")
     if not os.path.exists(latest):
         return
@@ -206,7 +205,7 @@ def resume_meter(meter, out):
         raise UserError(f"cannot resume the time and FLOPs counted in {out}/state: {e!r}") from None
 
 
-def load_state(model, opt, out):
+def load_state(model, opt, out, meter):
     path = os.path.join(out, "state")
     try:
         path = os.path.join(path, read_json(os.path.join(path, "latest.json"))["dir"])
@@ -220,6 +219,7 @@ def load_state(model, opt, out):
                 moments.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
         opt.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
         torch.set_rng_state(tensors["torch_rng"])
+        meter.restore(meta["meter"])
         return meta["step"], meta["stopped_early"]
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"cannot resume from {path}: {e}") from None
