@@ -593,13 +593,20 @@ class RunLock:
 
 
 def process_alive(pid):
+    """Whether pid still runs. A killed process lingers as a zombie until it is reaped (a killed torchrun's
+    workers wait for the system's init, seconds at times); it holds nothing any more, so it counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:  # no /proc (not Linux): kill's answer stands; or the process has just gone
+        return not os.path.isdir("/proc")
+    return state not in ("Z", "X")
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)

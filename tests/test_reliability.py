@@ -5,6 +5,7 @@ import glob
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -73,6 +74,24 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path, capsys):
     # Now the holder is dead: its lock is stale, taken over, and released at the end.
     runs.cli(train.main, argv(tmp_path, "--stage", "pretrain"))
     assert not lock.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads a process's state from /proc (Linux)")
+def test_a_lock_held_by_a_killed_process_not_yet_reaped_is_stale(tmp_path):
+    """A SIGKILLed holder can linger as a zombie until it is reaped (a killed torchrun's workers wait for the
+    system's init, seconds here): it holds nothing, so --resume right after the kill takes its lock over."""
+    lock = tmp_path / "tiny" / "train.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder.kill()  # not waited for: a zombie until holder.wait() below
+        while open(f"/proc/{holder.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        lock.write_text(str(holder.pid))
+        runs.cli(train.main, argv(tmp_path, "--stage", "pretrain"))
+        assert not lock.exists()
+    finally:
+        holder.wait()
 
 
 def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, reference, monkeypatch):
