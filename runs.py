@@ -602,11 +602,15 @@ def process_alive(pid):
     except PermissionError:  # alive, another user's
         return True
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+        return process_state(pid) not in ("Z", "X")
     except OSError:  # no /proc (not Linux): kill's answer stands; or the process has just gone
         return not os.path.isdir("/proc")
-    return state not in ("Z", "X")
+
+
+def process_state(pid):
+    """pid's state letter (R running, S sleeping, Z zombie, ...) from /proc/<pid>/stat (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]  # after the command name, which may hold spaces or ')'
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)

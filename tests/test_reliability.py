@@ -85,7 +85,7 @@ def test_a_lock_held_by_a_killed_process_not_yet_reaped_is_stale(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         holder.kill()  # not waited for: a zombie until holder.wait() below
-        while open(f"/proc/{holder.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        while runs.process_state(holder.pid) != "Z":
             time.sleep(0.01)
         lock.write_text(str(holder.pid))
         runs.cli(train.main, argv(tmp_path, "--stage", "pretrain"))
